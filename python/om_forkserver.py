@@ -1,0 +1,386 @@
+"""om-worker kernel fork server.
+
+Started once per worker with the kernel's Python (same interpreter options as the kernelspec),
+with the exact environment and working directory the worker gives its kernels. It imports
+ipykernel's kernel app and a preload list (default ``omegaml`` and the omegaml submodules its
+lazy ``setup()`` imports: pandas, scikit-learn, celery, ...) once, then forks one child per
+request. Each child becomes a fresh IPython kernel in ~tens of ms instead of paying the ~3
+CPU-seconds of imports again.
+
+Why this is safe (isolation):
+- every kernel is a new process forked from a pristine parent that never runs user code, never
+  creates an omega|ml client (``omegaml`` builds its ``Omega`` instance lazily on first
+  attribute access; nothing here touches ``om.datasets`` & co.), opens no database or broker
+  connection, creates no ZeroMQ context and runs no extra threads. State one task creates
+  (variables, module attributes, ``os.environ``, files descriptors) lives only in that task's
+  child and dies with it;
+- the child calls ``setsid()`` (own session and process group, so om-worker can ``killpg`` it
+  and everything it spawns), resets signal handlers, reseeds ``random`` (and numpy's legacy
+  global generator when numpy is loaded), closes the server's descriptors, applies env/cwd, and
+  only then creates the kernel app: its ZeroMQ context and sockets are created after the fork.
+
+Protocol (JSON lines): requests on stdin, replies and events on the original stdout (which is
+duplicated to a private descriptor; fd 1 is pointed at stderr so that module imports or kernels
+printing to stdout cannot corrupt the protocol).
+
+  -> {"op": "fork", "id": N, "argv": [...kernel app args...], "env": {...}, "cwd": "..."|null,
+      "rlimit_as": bytes|null}
+  <- {"event": "forked", "id": N, "pid": P}  |  {"event": "error", "id": N, "error": "..."}
+  -> {"op": "ping", "id": N}                 <- {"event": "pong", "id": N}
+  <- {"event": "ready", "pid": ..., "preload": {"mod": null | "error text"}, "warnings": [...]}
+  <- {"event": "exit", "pid": P, "code": C} | {"event": "exit", "pid": P, "signal": S}
+  <- {"event": "fatal", "error": "..."}       (then exit status 2: ipykernel itself unusable)
+
+Lifetime: the server exits when its stdin reaches EOF (om-worker exited or dropped the server),
+on SIGTERM/SIGHUP, or when its parent changes; before exiting it SIGKILLs the process groups of
+all its live kernels. Kernels additionally get ``--IPKernelApp.parent_handle=<server pid>``, so
+ipykernel's parent poller ends them within about a second if the server dies by SIGKILL.
+
+Only the standard library and ipykernel are used.
+"""
+
+import errno
+import importlib
+import json
+import os
+import select
+import signal
+import sys
+import threading
+import time
+import traceback
+
+# The omegaml submodules that ``om.runtime`` / ``om.jobs`` (the generated init cell) import via
+# omegaml's lazy setup: importing them is side-effect free (no client, no connection) and is
+# where most of the ~3 CPU-s of a fresh kernel go.
+DEFAULT_PRELOAD = [
+    "omegaml",
+    "omegaml.omega",
+    "omegaml.runtimes",
+    "omegaml.notebook.jobs",
+    "omegaml.notebook.tasks",
+    "omegaml.backends.scikitlearn",
+    "omegaml.backends.package",
+    "omegaml.backends.tracking",
+    "omegaml.backends.repository",
+    "omegaml.backends.sqlalchemy",
+    "omegaml.store.streams",
+    "omegaml.mdataframe",
+    "omegaml.tasks",
+    "omegaml.celery_util",
+    "omegaml.client",
+]
+
+# What IPKernelApp.initialize() would import in every child (debugpy alone is ~150 ms): imported
+# once here, best effort. None of them starts a thread or creates a ZeroMQ context on import.
+KERNEL_MODULES = [
+    "ipykernel.ipkernel",
+    "ipykernel.zmqshell",
+    "ipykernel.debugger",
+    "IPython.core.oinspect",
+    "IPython.core.completerlib",
+    "IPython.core.debugger",
+    "sqlite3",
+    "pdb",
+    "tornado.platform.asyncio",
+]
+
+_children = {}  # pid -> True while not reaped
+_stop = False
+
+
+def _write(fd, obj):
+    data = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+    while data:
+        try:
+            n = os.write(fd, data)
+        except InterruptedError:
+            continue
+        data = data[n:]
+
+
+def _parse_args(argv):
+    preload = list(DEFAULT_PRELOAD)
+    no_default = False
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--no-default-preload":
+            no_default = True
+        elif a == "--preload" and i + 1 < len(argv):
+            i += 1
+            preload.extend(m.strip() for m in argv[i].split(",") if m.strip())
+        elif a.startswith("--preload="):
+            preload.extend(m.strip() for m in a.split("=", 1)[1].split(",") if m.strip())
+        i += 1
+    if no_default:
+        preload = [m for m in preload[len(DEFAULT_PRELOAD):]]
+    seen = set()
+    return [m for m in preload if not (m in seen or seen.add(m))]
+
+
+def _socket_fds():
+    """Descriptors that are sockets (there must be none: no connection before fork)."""
+    out = []
+    try:
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink("/proc/self/fd/" + name).startswith("socket:"):
+                    out.append(int(name))
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return out
+
+
+def _reseed():
+    import random
+
+    random.seed()
+    np = sys.modules.get("numpy")
+    if np is not None:
+        try:
+            np.random.seed()
+        except Exception:  # pragma: no cover - numpy without legacy RNG
+            pass
+
+
+def _child(req, close_fds, launcher_file):
+    """Runs in the forked child; never returns."""
+    code = 1
+    try:
+        os.setsid()
+        signal.set_wakeup_fd(-1)
+        for s in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(s, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # CPython's own startup default
+        for fd in close_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        env = req.get("env")
+        if isinstance(env, dict):
+            os.environ.clear()
+            os.environ.update({str(k): str(v) for k, v in env.items()})
+        os.environ["JPY_PARENT_PID"] = str(os.getppid())
+        cwd = req.get("cwd")
+        if cwd:
+            os.chdir(cwd)
+        limit = req.get("rlimit_as")
+        if isinstance(limit, int) and limit > 0:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        _reseed()
+        args = [str(a) for a in req.get("argv") or []]
+        args.append("--IPKernelApp.parent_handle=%d" % os.getppid())
+        sys.argv = [launcher_file] + args
+        from ipykernel import kernelapp
+
+        app = kernelapp.IPKernelApp.instance()
+        app.initialize(args)
+        app.start()
+        code = 0
+    except SystemExit as e:
+        if e.code is None:
+            code = 0
+        elif isinstance(e.code, int):
+            code = e.code
+        else:
+            code = 1
+    except BaseException:
+        try:
+            traceback.print_exc()
+        except BaseException:
+            pass
+        code = 1
+    finally:
+        try:
+            import atexit
+
+            atexit._run_exitfuncs()
+        except BaseException:
+            pass
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BaseException:
+                pass
+        os._exit(code & 0xFF if code >= 0 else 1)
+
+
+def _reap(out_fd):
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
+        if pid == 0:
+            return
+        _children.pop(pid, None)
+        if os.WIFSIGNALED(status):
+            _write(out_fd, {"event": "exit", "pid": pid, "signal": os.WTERMSIG(status)})
+        elif os.WIFEXITED(status):
+            _write(out_fd, {"event": "exit", "pid": pid, "code": os.WEXITSTATUS(status)})
+
+
+def _on_term(signum, frame):
+    global _stop
+    _stop = True
+
+
+def main():
+    # This script's directory is sys.path[0]; `python -m ipykernel_launcher` also removes its
+    # own first entry (the cwd) before IPython adds '' back, so drop ours to match.
+    if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+        del sys.path[0]
+    preload = _parse_args(sys.argv[1:])
+
+    # Private protocol descriptor; fd 1 now goes to stderr.
+    out_fd = os.dup(1)
+    os.set_inheritable(out_fd, False)
+    os.dup2(2, 1)
+    parent = os.getppid()
+
+    try:
+        from ipykernel import kernelapp  # noqa: F401  (the part every kernel needs)
+        import ipykernel_launcher
+
+        launcher_file = getattr(ipykernel_launcher, "__file__", None) or "ipykernel_launcher"
+    except BaseException as e:
+        _write(out_fd, {"event": "fatal", "error": "cannot import ipykernel: %r" % (e,)})
+        sys.exit(2)
+
+    for mod in KERNEL_MODULES:
+        try:
+            importlib.import_module(mod)
+        except BaseException:  # the child imports it itself, as a plain kernel would
+            pass
+
+    results = {}
+    for mod in preload:
+        try:
+            importlib.import_module(mod)
+            results[mod] = None
+        except BaseException as e:  # reported, not fatal
+            results[mod] = "%s: %s" % (type(e).__name__, e)
+
+    warnings = []
+    if threading.active_count() > 1:
+        warnings.append(
+            "preloading started threads (%s); forking is still done but is less safe"
+            % ", ".join(t.name for t in threading.enumerate())
+        )
+    zmq = sys.modules.get("zmq")
+    if zmq is not None and getattr(zmq.Context, "_instance", None) is not None:
+        warnings.append("a ZeroMQ context exists before fork")
+    socks = _socket_fds()
+    if socks:
+        warnings.append("socket descriptors open before fork: %s" % socks)
+    omegaml = sys.modules.get("omegaml")
+    if omegaml is not None:
+        om_inst = getattr(getattr(omegaml, "_omega", None), "_om", None)
+        if getattr(om_inst, "initialized", False):
+            warnings.append("an omega|ml instance was created before fork")
+
+    rfd, wfd = os.pipe()
+    for fd in (rfd, wfd):
+        os.set_blocking(fd, False)
+        os.set_inheritable(fd, False)
+    signal.set_wakeup_fd(wfd)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGHUP, _on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # om-worker's Ctrl-C is handled by om-worker
+
+    _write(
+        out_fd,
+        {"event": "ready", "pid": os.getpid(), "preload": results, "warnings": warnings},
+    )
+
+    buf = b""
+    try:
+        while not _stop:
+            try:
+                readable, _, _ = select.select([0, rfd], [], [], 1.0)
+            except InterruptedError:
+                readable = []
+            if rfd in readable:
+                try:
+                    while os.read(rfd, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+            _reap(out_fd)
+            if os.getppid() != parent:
+                break
+            if 0 not in readable:
+                continue
+            try:
+                data = os.read(0, 1 << 16)
+            except InterruptedError:
+                continue
+            if not data:
+                break  # om-worker is gone (or dropped us)
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                if not line.strip():
+                    continue
+                try:
+                    req = json.loads(line)
+                    if not isinstance(req, dict):
+                        raise ValueError("request is not an object")
+                except ValueError as e:
+                    _write(out_fd, {"event": "error", "id": None, "error": "bad request: %s" % e})
+                    continue
+                rid = req.get("id")
+                op = req.get("op")
+                if op == "ping":
+                    _write(out_fd, {"event": "pong", "id": rid})
+                elif op == "fork":
+                    for stream in (sys.stdout, sys.stderr):
+                        stream.flush()
+                    try:
+                        pid = os.fork()
+                    except OSError as e:
+                        _write(out_fd, {"event": "error", "id": rid, "error": "fork: %s" % e})
+                        continue
+                    if pid == 0:
+                        _child(req, [out_fd, rfd, wfd], launcher_file)
+                    _children[pid] = True
+                    _write(out_fd, {"event": "forked", "id": rid, "pid": pid})
+                else:
+                    _write(out_fd, {"event": "error", "id": rid, "error": "unknown op %r" % op})
+    except BrokenPipeError:
+        pass
+    finally:
+        for pid in list(_children):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError as e:
+                if e.errno != errno.ESRCH:
+                    pass
+        deadline = time.monotonic() + 2.0
+        while _children and time.monotonic() < deadline:
+            try:
+                _reap(out_fd)
+            except OSError:  # om-worker is gone: reap quietly
+                try:
+                    pid, _ = os.waitpid(-1, os.WNOHANG)
+                    _children.pop(pid, None)
+                except ChildProcessError:
+                    break
+            time.sleep(0.01)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,383 @@
+//! Wiring: builds the broker, backend and registry a [`Config`] names, and
+//! implements the `worker`, `config` and `check` commands on top of them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use tracing::{info, warn};
+
+use crate::backend::{self, ResultBackend};
+use crate::broker::amqp::{AmqpBroker, AmqpOptions};
+use crate::broker::redis::{RedisBroker, RedisOptions};
+use crate::broker::Broker;
+use crate::config::{mask_url, Config};
+use crate::control::WorkerState;
+use crate::ledger::Ledger;
+use crate::notebook::executor::{Executor, ExecutorConfig, StreamMerge};
+use crate::store::Store;
+use crate::tasks::execute_scripts::{run_beat, ExecuteScripts};
+use crate::tasks::run_omegaml_job::RunOmegamlJob;
+use crate::tasks::schedule_omegaml_job::ScheduleOmegamlJob;
+use crate::tasks::Registry;
+use crate::worker::{Shutdown, Worker};
+
+/// Connects to the broker the URL names.
+pub async fn connect_broker(config: &Config) -> anyhow::Result<Arc<dyn Broker>> {
+    let url = &config.broker_url;
+    let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
+    let broker: Arc<dyn Broker> = match scheme {
+        "amqp" | "amqps" | "pyamqp" => {
+            let url = url.replacen("pyamqp://", "amqp://", 1);
+            Arc::new(
+                AmqpBroker::connect(&url, AmqpOptions::default())
+                    .await
+                    .with_context(|| format!("broker {}", mask_url(&url)))?,
+            )
+        }
+        "redis" | "rediss" => {
+            let options = RedisOptions {
+                visibility_timeout: Duration::from_secs(config.visibility_timeout),
+                restore_interval: Duration::from_secs(config.restore_interval.max(1)),
+                ..RedisOptions::default()
+            };
+            Arc::new(
+                RedisBroker::connect(url, options)
+                    .await
+                    .with_context(|| format!("broker {}", mask_url(url)))?,
+            )
+        }
+        _ => bail!(
+            "unsupported broker URL {} (expected amqp://, amqps:// or redis://)",
+            mask_url(url)
+        ),
+    };
+    Ok(broker)
+}
+
+/// Builds the result backend.
+pub async fn connect_backend(
+    config: &Config,
+    broker: Arc<dyn Broker>,
+) -> anyhow::Result<Arc<dyn ResultBackend>> {
+    backend::from_url(
+        &config.result_backend,
+        broker,
+        &config.mongo_url,
+        config.result_expires,
+        config.result_serializer,
+    )
+    .await
+    .with_context(|| format!("result backend {}", mask_url(&config.result_backend)))
+}
+
+/// The notebook task: one pooled MongoDB client and one executor for all runs.
+pub async fn notebook_task(config: &Config) -> anyhow::Result<RunOmegamlJob> {
+    let store = Store::connect(&config.mongo_url, Duration::from_secs(5))
+        .await
+        .with_context(|| format!("MongoDB {}", mask_url(&config.mongo_url)))?;
+    std::fs::create_dir_all(&config.tmp_dir)
+        .with_context(|| format!("kernel working directory {}", config.tmp_dir.display()))?;
+    let mut executor_config = ExecutorConfig::new(kernel_launcher(config));
+    // The Python worker (nbconvert/nbclient defaults) stores one output per
+    // iopub message; so do we, for identical results notebooks.
+    executor_config.stream_merge = StreamMerge::None;
+    // Free the slot (and send the result) without waiting for ipykernel's shutdown.
+    executor_config.background_shutdown = true;
+    executor_config.memory_limit_bytes = kernel_memory_limit(config);
+    if let Some(mb) = config
+        .kernel_memory_mb
+        .filter(|mb| *mb < KERNEL_MEMORY_MIN_MB)
+    {
+        warn!(
+            "--kernel-memory-mb {mb} is below {KERNEL_MEMORY_MIN_MB}: it limits address space, and \
+             kernels usually fail to start under it (thread stacks and malloc arenas count)"
+        );
+    }
+    executor_config.max_total_output_bytes = mib(config.max_output_mb);
+    executor_config.max_cell_output_bytes = mib(config.max_cell_output_mb);
+    let executor = Executor::new(executor_config);
+    Ok(RunOmegamlJob::new(
+        store,
+        Arc::new(executor),
+        &config.mongo_url,
+        &config.broker_url,
+        config.tmp_dir.clone(),
+    ))
+}
+
+/// `--kernel-memory-mb` in bytes (the executor and the pool template must agree).
+fn kernel_memory_limit(config: &Config) -> Option<u64> {
+    config.kernel_memory_mb.map(|m| m.saturating_mul(1 << 20))
+}
+
+/// Below this address-space limit ipykernel cannot start its threads (each
+/// thread stack and malloc arena counts against RLIMIT_AS).
+const KERNEL_MEMORY_MIN_MB: u64 = 1024;
+
+fn mib(m: u64) -> usize {
+    usize::try_from(m.saturating_mul(1 << 20)).unwrap_or(usize::MAX)
+}
+
+/// The kernel launcher of the notebook task: fork server (falls back to plain processes) →
+/// pool of ready kernels → executor. The pool's template is what `RunOmegamlJob` asks for
+/// (python3, [`KernelEnv::omega`], cwd `OMEGA_TMP`), so its kernels match every task; other
+/// requests (another kernelspec) bypass the pool and, if not forkable, the fork server.
+fn kernel_launcher(config: &Config) -> Arc<dyn crate::kernel::KernelLauncher> {
+    use crate::kernel::{
+        ForkServerConfig, ForkServerLauncher, KernelEnv, KernelLauncher, LaunchOptions,
+        LocalLauncher, PooledLauncher,
+    };
+    let python = std::path::PathBuf::from(&config.python);
+    let env = KernelEnv::omega(&config.mongo_url, Some(&config.broker_url));
+    let base: Arc<dyn KernelLauncher> = if config.fork_server {
+        let mut fs = ForkServerConfig::new(python);
+        fs.preload = config.preload.clone();
+        fs.env = env.clone();
+        fs.cwd = Some(config.tmp_dir.clone());
+        Arc::new(ForkServerLauncher::new(fs))
+    } else {
+        Arc::new(LocalLauncher::new(python))
+    };
+    let launcher: Arc<dyn KernelLauncher> = if config.kernel_pool > 0 {
+        let template = LaunchOptions {
+            env,
+            cwd: Some(config.tmp_dir.clone()),
+            memory_limit_bytes: kernel_memory_limit(config),
+            ..LaunchOptions::default()
+        };
+        let pool = Arc::new(PooledLauncher::new(base, template, config.kernel_pool));
+        // The `kernels_ready` gauge follows the pool's fill; the task ends with the pool.
+        let weak = Arc::downgrade(&pool);
+        tokio::spawn(async move {
+            while let Some(pool) = weak.upgrade() {
+                crate::control::metrics::set_kernels_ready(pool.stats().ready);
+                drop(pool);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        pool
+    } else {
+        base
+    };
+    info!(
+        fork_server = config.fork_server,
+        kernel_pool = config.kernel_pool,
+        "kernel launcher"
+    );
+    // Stopped (pool refills, fork server) at the end of run_worker.
+    crate::kernel::register_for_shutdown(&launcher);
+    launcher
+}
+
+/// `om-worker worker`: runs until SIGTERM/SIGINT (warm), a second one (cold).
+pub async fn run_worker(config: Config) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let broker = connect_broker(&config).await?;
+    let backend = connect_backend(&config, Arc::clone(&broker)).await?;
+    // Kernel runtime dirs left by a worker that was SIGKILLed.
+    let swept = crate::kernel::launcher::sweep_stale_runtime_dirs(Duration::from_secs(3600));
+    if swept > 0 {
+        info!("removed {swept} stale kernel runtime dir(s)");
+    }
+    let mut registry = Registry::builtin();
+    registry.register(Arc::new(notebook_task(&config).await?));
+    // Scheduled notebooks: their own (cheap) MongoDB pool, the shared broker.
+    let schedule_store = Store::connect(&config.mongo_url, Duration::from_secs(5))
+        .await
+        .with_context(|| format!("MongoDB {}", mask_url(&config.mongo_url)))?;
+    let default_queue = config.queues.first().cloned().unwrap_or_default();
+    registry.register(Arc::new(ScheduleOmegamlJob::new(schedule_store.clone())));
+    registry.register(Arc::new(ExecuteScripts::new(
+        schedule_store,
+        Arc::clone(&broker),
+        default_queue.clone(),
+    )));
+    info!("registered tasks: {}", registry.names().join(", "));
+    let shutdown = Shutdown::default();
+    spawn_signal_handler(shutdown.clone())?;
+    // Remote control (pidbox), events (heartbeats; task events with -E), metrics.
+    let state = Arc::new(WorkerState::from_config(&config));
+    state.set_task_events(config.task_events);
+    state.set_shutdown(shutdown.warm.clone());
+    let names = registry.names().iter().map(|n| n.to_string()).collect();
+    let control = crate::control::start(
+        Arc::clone(&broker),
+        Arc::clone(&state),
+        names,
+        config.metrics_addr,
+    )
+    .await?;
+    // --beat: omega|ml's `celery beat` (execute_scripts every 60 s), stopped at shutdown.
+    let beat_stop = tokio_util::sync::CancellationToken::new();
+    let beat = config.beat.then(|| {
+        tokio::spawn(run_beat(
+            Arc::clone(&broker),
+            default_queue,
+            Duration::from_secs(config.beat_interval),
+            beat_stop.clone(),
+        ))
+    });
+    // Crash safety for notebook tasks: the in-flight ledger and its sweeper.
+    let ledger_store = Store::connect(&config.mongo_url, Duration::from_secs(5))
+        .await
+        .with_context(|| format!("MongoDB {}", mask_url(&config.mongo_url)))?;
+    let lease = Duration::from_secs(config.lease_seconds);
+    let ledger = Ledger::new(ledger_store.database(), &config.nodename, lease);
+    let sweeper_stop = tokio_util::sync::CancellationToken::new();
+    let sweeper = tokio::spawn(crate::ledger::sweep_forever(
+        ledger.clone(),
+        Arc::clone(&broker),
+        (lease / 2).max(Duration::from_secs(1)),
+        sweeper_stop.clone(),
+    ));
+    let result = Worker::new(Arc::clone(&config), broker, backend, registry)
+        .with_state(state)
+        .with_ledger(ledger)
+        .run(shutdown)
+        .await;
+    sweeper_stop.cancel();
+    let _ = sweeper.await;
+    control.stop();
+    beat_stop.cancel();
+    if let Some(handle) = beat {
+        let _ = handle.await;
+    }
+    // Stop pool refills and the fork server before the sweep below, so nothing starts a
+    // kernel after it.
+    if !crate::notebook::executor::wait_background_shutdowns(Duration::from_secs(5)).await {
+        warn!("kernels still shutting down after 5 s; killing them");
+    }
+    crate::kernel::shutdown_launchers().await;
+    // Belt and braces: no kernel outlives the worker, whatever happened above.
+    let killed = crate::kernel::kill_all_kernels();
+    if killed > 0 {
+        warn!("killed {killed} kernel process group(s) left at shutdown");
+    }
+    result?;
+    Ok(())
+}
+
+/// First SIGTERM/SIGINT: warm shutdown; second: cold.
+fn spawn_signal_handler(shutdown: Shutdown) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::spawn(async move {
+        let mut seen = 0;
+        loop {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+            seen += 1;
+            if seen == 1 {
+                info!("signal received: warm shutdown (send again for cold shutdown)");
+                shutdown.warm.cancel();
+            } else {
+                warn!("second signal: cold shutdown");
+                shutdown.cold.cancel();
+            }
+        }
+    });
+    Ok(())
+}
+
+/// `om-worker check`: every dependency, each with a precise verdict.
+/// Returns the number of failed checks.
+pub async fn run_check(config: &Config) -> usize {
+    let mut failed = 0;
+    let mut report = |what: &str, r: anyhow::Result<String>| match r {
+        Ok(detail) => println!("ok      {what}: {detail}"),
+        Err(e) => {
+            failed += 1;
+            println!("FAILED  {what}: {e:#}");
+        }
+    };
+    const LIMIT: Duration = Duration::from_secs(10);
+
+    // A timeout names what did not answer, like every other verdict.
+    let no_answer = |url: &str| anyhow::anyhow!("{}: no answer within {LIMIT:?}", mask_url(url));
+    let broker = tokio::time::timeout(LIMIT, connect_broker(config))
+        .await
+        .unwrap_or_else(|_| Err(no_answer(&config.broker_url)));
+    let broker_ok = broker
+        .as_ref()
+        .map(|_| ())
+        .map_err(|e| anyhow::anyhow!("{e:#}"));
+    report(
+        "broker",
+        broker_ok.map(|_| format!("connected to {}", mask_url(&config.broker_url))),
+    );
+
+    let mongo = tokio::time::timeout(LIMIT, ping_mongo(&config.mongo_url))
+        .await
+        .unwrap_or_else(|_| Err(no_answer(&config.mongo_url)));
+    report(
+        "mongodb",
+        mongo.map(|_| format!("ping ok at {}", mask_url(&config.mongo_url))),
+    );
+
+    let backend = match &broker {
+        Ok(b) => {
+            let r = tokio::time::timeout(LIMIT, async {
+                let backend = connect_backend(config, Arc::clone(b)).await?;
+                backend.ping().await?;
+                Ok::<_, anyhow::Error>(backend.name())
+            })
+            .await
+            .unwrap_or_else(|_| Err(no_answer(&config.result_backend)));
+            r.map(|name| format!("{name} at {}", mask_url(&config.result_backend)))
+        }
+        Err(_) if config.result_backend.starts_with("rpc") => Err(anyhow::anyhow!(
+            "rpc:// needs the broker, which is unreachable"
+        )),
+        Err(_) => Err(anyhow::anyhow!("not checked: broker unreachable")),
+    };
+    report("result backend", backend);
+
+    report("kernel python", check_python(&config.python).await);
+    if let Ok(b) = broker {
+        let _ = b.close().await;
+    }
+    failed
+}
+
+async fn ping_mongo(url: &str) -> anyhow::Result<()> {
+    use mongodb::bson::doc;
+    let mut opts = mongodb::options::ClientOptions::parse(url)
+        .await
+        .context("invalid MongoDB URL")?;
+    opts.server_selection_timeout = Some(Duration::from_secs(5));
+    opts.connect_timeout = Some(Duration::from_secs(5));
+    let client = mongodb::Client::with_options(opts)?;
+    client
+        .database("admin")
+        .run_command(doc! {"ping": 1})
+        .await
+        .context("ping")?;
+    Ok(())
+}
+
+async fn check_python(python: &str) -> anyhow::Result<String> {
+    let out = tokio::process::Command::new(python)
+        .args([
+            "-c",
+            "import sys, ipykernel; print(sys.executable, sys.version.split()[0], 'ipykernel', ipykernel.__version__)",
+        ])
+        .kill_on_drop(true)
+        .output()
+        .await
+        .with_context(|| format!("cannot run {python:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{python:?} cannot import ipykernel: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .trim()
+                .lines()
+                .last()
+                .unwrap_or("")
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}

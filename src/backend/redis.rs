@@ -1,0 +1,103 @@
+//! `redis://`: `SETEX celery-task-meta-<id>` and `PUBLISH` on the same key.
+//!
+//! Celery's Redis backend stores the meta encoded with the client's
+//! `result_serializer` (omega|ml: pickle) and publishes it so waiting
+//! `AsyncResult.get()` calls wake up; without the PUBLISH they hang until their
+//! timeout. Like Celery's key-value backends we never overwrite a stored
+//! SUCCESS (a redelivered task must not clobber it): the check and the write
+//! are one Lua script, so they are atomic.
+
+use async_trait::async_trait;
+use redis::aio::ConnectionManager;
+
+use super::{BackendError, ReplyTarget, ResultBackend, Serializer};
+use crate::protocol::ResultMeta;
+
+/// `SETEX` + `PUBLISH` unless a SUCCESS is already stored. The stored value
+/// may be JSON or pickle; a pickled SUCCESS is recognised by the bytes Python's
+/// pickle writes for the `'status': 'SUCCESS'` item.
+const STORE_SCRIPT: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ok, doc = pcall(cjson.decode, cur)
+  if ok and type(doc) == 'table' and doc['status'] == 'SUCCESS' then return 0 end
+  if not ok and string.find(cur, 'status', 1, true) and string.find(cur, 'SUCCESS', 1, true) then return 0 end
+end
+redis.call('SETEX', KEYS[1], ARGV[2], ARGV[1])
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"#;
+
+/// Celery's Redis result backend.
+pub struct RedisBackend {
+    conn: ConnectionManager,
+    expires: u64,
+    serializer: Serializer,
+    script: redis::Script,
+}
+
+impl RedisBackend {
+    /// Connects to the backend URL.
+    pub async fn connect(
+        url: &str,
+        expires: u64,
+        serializer: Serializer,
+    ) -> Result<Self, BackendError> {
+        let io = |e: redis::RedisError| BackendError::Io {
+            backend: "redis",
+            reason: format!("{} ({})", e, crate::config::mask_url(url)),
+        };
+        let client = redis::Client::open(url).map_err(|e| BackendError::InvalidUrl {
+            url: crate::config::mask_url(url),
+            reason: e.to_string(),
+        })?;
+        let conn = ConnectionManager::new(client).await.map_err(io)?;
+        Ok(RedisBackend {
+            conn,
+            expires: expires.max(1),
+            serializer,
+            script: redis::Script::new(STORE_SCRIPT),
+        })
+    }
+
+    /// The key Celery uses for a task's meta.
+    pub fn key(task_id: &str) -> String {
+        format!("celery-task-meta-{task_id}")
+    }
+}
+
+#[async_trait]
+impl ResultBackend for RedisBackend {
+    async fn store(&self, meta: &ResultMeta, _target: &ReplyTarget) -> Result<(), BackendError> {
+        let payload = super::encode_meta(self.serializer, meta);
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .script
+            .key(Self::key(&meta.task_id))
+            .arg(payload)
+            .arg(self.expires)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| BackendError::Io {
+                backend: "redis",
+                reason: e.to_string(),
+            })?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), BackendError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(|e| BackendError::Io {
+                backend: "redis",
+                reason: e.to_string(),
+            })
+    }
+
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+}

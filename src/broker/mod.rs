@@ -1,0 +1,224 @@
+//! Message brokers: where task messages come from and where replies go.
+//!
+//! One small trait, [`Broker`], with two implementations that speak exactly
+//! what kombu speaks: [`amqp`] (RabbitMQ via lapin) and [`redis`] (kombu's
+//! Redis transport: priority lists, `unacked` ack emulation, visibility
+//! restore). The worker sees only [`Delivery`] values and [`Acker`] handles;
+//! decoding the body is the job of [`crate::protocol`].
+
+pub mod amqp;
+pub mod redis;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+use crate::protocol::{Outgoing, RawMessage};
+
+/// An exchange type, for the few exchanges the worker declares itself
+/// (`celeryev`, `reply.celery.pidbox`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeType {
+    /// Routes by exact routing key.
+    Direct,
+    /// Routes by `*`/`#` patterns.
+    Topic,
+    /// Copies to every bound queue.
+    Fanout,
+}
+
+/// A broadcast subscription (remote control, `celery.pidbox`).
+///
+/// On AMQP this is a queue of our own bound to a fanout exchange; on Redis
+/// it is `PSUBSCRIBE /<db>.<exchange>` on a dedicated pub/sub connection
+/// (kombu's fanout emulation), and `queue` only names the binding member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FanoutSubscription {
+    /// The fanout exchange, e.g. `celery.pidbox` (declared non-durable, as kombu does).
+    pub exchange: String,
+    /// Our queue, e.g. `<nodename>.celery.pidbox`.
+    pub queue: String,
+    /// Queue `x-expires` in ms (celery `control_queue_expires`, 10 s).
+    pub expires_ms: Option<u32>,
+    /// Queue `x-message-ttl` in ms (celery `control_queue_ttl`, 300 s).
+    pub message_ttl_ms: Option<u32>,
+    /// Exclusive queue (celery >= 5.7: a duplicate nodename gets `405 RESOURCE_LOCKED`).
+    pub exclusive: bool,
+}
+
+impl FanoutSubscription {
+    /// Celery 5.7's pidbox queue for `nodename`: `<nodename>.celery.pidbox`,
+    /// non-durable, auto-delete, exclusive, `x-expires` 10 s, `x-message-ttl` 300 s.
+    pub fn pidbox(nodename: &str) -> Self {
+        FanoutSubscription {
+            exchange: "celery.pidbox".to_owned(),
+            queue: format!("{nodename}.celery.pidbox"),
+            expires_ms: Some(10_000),
+            message_ttl_ms: Some(300_000),
+            exclusive: true,
+        }
+    }
+}
+
+/// Errors from a broker connection.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The broker URL cannot be used.
+    #[error("invalid broker URL: {0}")]
+    InvalidUrl(String),
+    /// Could not connect (or lost the connection).
+    #[error("broker connection failed: {0}")]
+    Connection(String),
+    /// A declaration, publish, ack or other broker operation failed.
+    #[error("broker operation failed: {0}")]
+    Operation(String),
+}
+
+/// The broker URL with its password replaced by `****`, for logs.
+///
+/// Passwords must never reach a log line; anything that does not parse as a
+/// URL is replaced wholesale rather than echoed.
+pub fn mask_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                // Only fails for URLs that cannot carry credentials at all.
+                let _ = u.set_password(Some("****"));
+            }
+            u.to_string()
+        }
+        Err(_) => "<unparseable broker URL>".to_owned(),
+    }
+}
+
+/// How a consumer acknowledges one delivery. Exactly one of these is called.
+#[async_trait]
+pub trait Acker: Send + Sync {
+    /// Done with the message: remove it for good.
+    async fn ack(&self) -> Result<(), BrokerError>;
+    /// Give the message up: back onto its queue (`requeue`) or to the
+    /// dead-letter exchange / deleted (`!requeue`).
+    async fn reject(&self, requeue: bool) -> Result<(), BrokerError>;
+    /// The message will wait for its ETA instead of running: stop counting it
+    /// against the prefetch limit, so held messages (a far-future countdown,
+    /// many at once) never starve the worker — Celery's
+    /// `qos.increment_eventually()`.
+    async fn hold_outside_prefetch(&self) {}
+    /// The ETA is over (or the hold ended otherwise): count the message again
+    /// where the broker can (Celery's `qos.decrement_eventually()`).
+    async fn end_hold(&self) {}
+}
+
+/// One message handed to the worker, with the handle to settle it.
+pub struct Delivery {
+    /// The message.
+    pub message: RawMessage,
+    /// Settles it on the broker.
+    pub acker: Box<dyn Acker>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("message", &self.message)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A broker connection, shared by the consumer loop and every publisher.
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// Declares what kombu declares for each queue and starts consuming them.
+    /// Deliveries arrive on the returned channel, at most `prefetch` unsettled
+    /// at a time (0 = unlimited). The broker reconnects on its own; the channel
+    /// closes only after [`Broker::stop_consuming`] or on a fatal error.
+    async fn consume(
+        &self,
+        queues: &[String],
+        prefetch: u16,
+    ) -> Result<mpsc::Receiver<Delivery>, BrokerError>;
+
+    /// Stops taking new messages (warm shutdown). Unsettled deliveries stay
+    /// valid until the connection is closed.
+    async fn stop_consuming(&self) -> Result<(), BrokerError>;
+
+    /// Publishes to `exchange` with `routing_key`. The default exchange `""`
+    /// routes to the queue named by `routing_key` (rpc:// replies, forwarding).
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: Outgoing,
+    ) -> Result<(), BrokerError>;
+
+    /// Declares `name` as kombu does before a publish (AMQP: direct durable
+    /// exchange, durable queue, binding; Redis: the binding set). On AMQP a
+    /// publish to the default exchange for an undeclared queue is dropped
+    /// silently, so a worker that *sends* tasks must declare first.
+    async fn declare_queue(&self, name: &str) -> Result<(), BrokerError>;
+
+    /// Closes the connection; on RabbitMQ unacked deliveries go back to their
+    /// queues, on Redis they are restored from `unacked` at once.
+    async fn close(&self) -> Result<(), BrokerError>;
+
+    /// Subscribes to a broadcast exchange (remote control). Messages are
+    /// consumed without acks (`no_ack`, as kombu's pidbox does) and arrive on
+    /// the returned channel; the subscription re-establishes itself after a
+    /// reconnect and ends when the broker is closed. Brokers without
+    /// broadcast support say so.
+    async fn subscribe_fanout(
+        &self,
+        subscription: FanoutSubscription,
+    ) -> Result<mpsc::Receiver<RawMessage>, BrokerError> {
+        Err(BrokerError::Operation(format!(
+            "broadcast subscriptions are not supported by this broker ({})",
+            subscription.exchange
+        )))
+    }
+
+    /// Declares an exchange the worker publishes to (AMQP needs it to exist
+    /// before a publish, or the channel is closed with 404). A no-op where
+    /// exchanges are implicit (Redis).
+    async fn declare_exchange(
+        &self,
+        _name: &str,
+        _kind: ExchangeType,
+        _durable: bool,
+    ) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
+    /// Starts consuming one more queue while running (`add_consumer`),
+    /// declaring it as kombu does. Consuming it already is not an error.
+    async fn add_queue(&self, queue: &str) -> Result<(), BrokerError> {
+        Err(BrokerError::Operation(format!(
+            "adding queue {queue:?} at runtime is not supported by this broker"
+        )))
+    }
+
+    /// Stops consuming a queue while running (`cancel_consumer`). Deliveries
+    /// already handed over stay valid.
+    async fn cancel_queue(&self, queue: &str) -> Result<(), BrokerError> {
+        Err(BrokerError::Operation(format!(
+            "cancelling queue {queue:?} at runtime is not supported by this broker"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mask_url;
+
+    #[test]
+    fn masks_passwords() {
+        assert_eq!(
+            mask_url("amqp://guest:secret@127.0.0.1:5672//"),
+            "amqp://guest:****@127.0.0.1:5672//"
+        );
+        assert_eq!(
+            mask_url("redis://:pw@localhost:6379/0"),
+            "redis://:****@localhost:6379/0"
+        );
+        assert_eq!(mask_url("redis://localhost/0"), "redis://localhost/0");
+        assert!(!mask_url("::secret::").contains("secret"));
+    }
+}

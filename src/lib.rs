@@ -1,0 +1,20 @@
+//! om-worker: a drop-in Rust worker for omega|ml's Celery queues.
+//!
+//! Data flow (see the README's architecture section):
+//! [`broker`] → [`protocol`] → [`worker`] → [`tasks`] → [`backend`], with
+//! notebooks run by [`kernel`] on the [`notebook`] model and stored by [`store`].
+
+pub mod app;
+pub mod backend;
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod kernel;
+pub mod ledger;
+pub mod notebook;
+pub mod protocol;
+pub mod schedule;
+pub mod store;
+pub mod tasks;
+pub mod worker;

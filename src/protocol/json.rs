@@ -1,0 +1,330 @@
+//! JSON bodies and headers, with kombu's `{"__type__": T, "__value__": V}` wrappers.
+//!
+//! kombu ≥ 5.3 wraps values plain JSON cannot carry (datetime, date, time,
+//! Decimal, UUID, bytes); an object whose key set is exactly
+//! `{"__type__", "__value__"}` is such a wrapper. Older kombu sent plain
+//! strings, which simply stay strings here.
+
+use base64::Engine as _;
+use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime};
+use serde_json::{Map, Number};
+
+use super::value::Value;
+
+/// Deepest nesting accepted in a JSON document (arrays and objects).
+pub const MAX_DEPTH: usize = 128;
+
+/// Why JSON could not be decoded into a [`Value`].
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum JsonError {
+    /// Not JSON at all.
+    #[error("invalid JSON: {0}")]
+    Syntax(String),
+    /// Nested deeper than [`MAX_DEPTH`].
+    #[error("JSON nested deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+    /// A `__type__` wrapper kombu would refuse too.
+    #[error("bad kombu JSON wrapper {kind:?}: {reason}")]
+    BadWrapper {
+        /// The `__type__` value.
+        kind: String,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// Parses JSON bytes into a [`Value`], unwrapping kombu wrappers.
+pub fn decode(bytes: &[u8]) -> Result<Value, JsonError> {
+    // serde_json itself stops at 128 levels of recursion, so this cannot
+    // overflow the stack; `from_json` re-checks depth for values built elsewhere.
+    let v: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| JsonError::Syntax(e.to_string()))?;
+    from_json(&v)
+}
+
+/// Converts a parsed JSON value into a [`Value`], unwrapping kombu wrappers.
+pub fn from_json(v: &serde_json::Value) -> Result<Value, JsonError> {
+    from_json_at(v, 0)
+}
+
+fn from_json_at(v: &serde_json::Value, depth: usize) -> Result<Value, JsonError> {
+    if depth > MAX_DEPTH {
+        return Err(JsonError::TooDeep);
+    }
+    Ok(match v {
+        serde_json::Value::Null => Value::None,
+        serde_json::Value::Bool(b) => Value::Bool(*b),
+        serde_json::Value::Number(n) => number(n),
+        serde_json::Value::String(s) => Value::Str(s.clone()),
+        serde_json::Value::Array(items) => Value::List(
+            items
+                .iter()
+                .map(|i| from_json_at(i, depth + 1))
+                .collect::<Result<_, _>>()?,
+        ),
+        serde_json::Value::Object(map) => {
+            if let Some(w) = unwrap_kombu(map)? {
+                return Ok(w);
+            }
+            Value::Dict(
+                map.iter()
+                    .map(|(k, v)| Ok((Value::Str(k.clone()), from_json_at(v, depth + 1)?)))
+                    .collect::<Result<_, JsonError>>()?,
+            )
+        }
+    })
+}
+
+fn number(n: &Number) -> Value {
+    if let Some(i) = n.as_i64() {
+        Value::Int(i)
+    } else if let Some(u) = n.as_u64() {
+        Value::BigInt(u.to_string())
+    } else {
+        Value::Float(n.as_f64().unwrap_or(f64::NAN))
+    }
+}
+
+fn bad(kind: &str, reason: impl Into<String>) -> JsonError {
+    JsonError::BadWrapper {
+        kind: kind.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn unwrap_kombu(map: &Map<String, serde_json::Value>) -> Result<Option<Value>, JsonError> {
+    if map.len() != 2 {
+        return Ok(None);
+    }
+    let (Some(kind), Some(value)) = (map.get("__type__"), map.get("__value__")) else {
+        return Ok(None);
+    };
+    let kind = kind
+        .as_str()
+        .ok_or_else(|| bad("?", "__type__ is not a string"))?;
+    let text = || {
+        value
+            .as_str()
+            .ok_or_else(|| bad(kind, "__value__ is not a string"))
+    };
+    let v = match kind {
+        "datetime" => parse_datetime(text()?).ok_or_else(|| bad(kind, "not an ISO datetime"))?,
+        "date" => Value::Date(
+            NaiveDate::parse_from_str(text()?, "%Y-%m-%d").map_err(|e| bad(kind, e.to_string()))?,
+        ),
+        "time" => Value::Time(
+            NaiveTime::parse_from_str(text()?, "%H:%M:%S%.f")
+                .map_err(|e| bad(kind, e.to_string()))?,
+        ),
+        "decimal" => Value::Decimal(text()?.to_owned()),
+        "uuid" => {
+            let hex = value
+                .get("hex")
+                .and_then(|h| h.as_str())
+                .or_else(|| value.as_str())
+                .ok_or_else(|| bad(kind, "no hex"))?;
+            Value::Uuid(uuid::Uuid::parse_str(hex).map_err(|e| bad(kind, e.to_string()))?)
+        }
+        "bytes" => Value::Bytes(
+            text()?
+                .chars()
+                .map(latin1_or_utf8)
+                .collect::<Vec<_>>()
+                .concat(),
+        ),
+        "base64" => Value::Bytes(
+            base64::engine::general_purpose::STANDARD
+                .decode(text()?)
+                .map_err(|e| bad(kind, e.to_string()))?,
+        ),
+        other => return Err(bad(other, "unknown __type__")),
+    };
+    Ok(Some(v))
+}
+
+/// kombu encodes valid-UTF-8 bytes as the decoded text, so re-encode as UTF-8.
+fn latin1_or_utf8(c: char) -> Vec<u8> {
+    let mut buf = [0u8; 4];
+    c.encode_utf8(&mut buf).as_bytes().to_vec()
+}
+
+/// Parses an ISO-8601 datetime as Python's `fromisoformat` writes it
+/// (naive or with an offset / `Z`).
+pub fn parse_datetime(s: &str) -> Option<Value> {
+    if let Ok(dt) = DateTime::parse_from_rfc3339(s) {
+        return Some(Value::DateTime {
+            naive: dt.naive_local(),
+            offset_seconds: Some(dt.offset().local_minus_utc()),
+        });
+    }
+    for fmt in ["%Y-%m-%dT%H:%M:%S%.f%:z", "%Y-%m-%d %H:%M:%S%.f%:z"] {
+        if let Ok(dt) = DateTime::parse_from_str(s, fmt) {
+            return Some(Value::DateTime {
+                naive: dt.naive_local(),
+                offset_seconds: Some(dt.offset().local_minus_utc()),
+            });
+        }
+    }
+    for fmt in [
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M",
+    ] {
+        if let Ok(naive) = NaiveDateTime::parse_from_str(s, fmt) {
+            return Some(Value::DateTime {
+                naive,
+                offset_seconds: None,
+            });
+        }
+    }
+    None
+}
+
+/// Encodes a [`Value`] as kombu's JSON encoder would.
+pub fn to_json(v: &Value) -> serde_json::Value {
+    use serde_json::json;
+    match v {
+        Value::None => serde_json::Value::Null,
+        Value::Bool(b) => json!(b),
+        Value::Int(i) => json!(i),
+        Value::BigInt(s) => s
+            .parse::<Number>()
+            .map(serde_json::Value::Number)
+            .unwrap_or_else(|_| json!(s)),
+        Value::Float(f) => Number::from_f64(*f)
+            .map(serde_json::Value::Number)
+            .unwrap_or(serde_json::Value::Null),
+        Value::Str(s) => json!(s),
+        Value::Bytes(b) => match std::str::from_utf8(b) {
+            Ok(s) => json!({"__type__": "bytes", "__value__": s}),
+            Err(_) => json!({"__type__": "base64",
+                "__value__": base64::engine::general_purpose::STANDARD.encode(b)}),
+        },
+        Value::List(items) | Value::Tuple(items) | Value::Set(items) => {
+            serde_json::Value::Array(items.iter().map(to_json).collect())
+        }
+        Value::Dict(items) => {
+            let mut map = Map::new();
+            for (k, v) in items {
+                map.insert(key_text(k), to_json(v));
+            }
+            serde_json::Value::Object(map)
+        }
+        Value::DateTime { .. } => json!({"__type__": "datetime", "__value__": isoformat(v)}),
+        Value::Date(d) => {
+            json!({"__type__": "date", "__value__": d.format("%Y-%m-%d").to_string()})
+        }
+        Value::Time(t) => json!({"__type__": "time", "__value__": time_iso(t)}),
+        Value::TimeDelta {
+            days,
+            seconds,
+            microseconds,
+        } => json!((*days as f64) * 86400.0 + (*seconds as f64) + (*microseconds as f64) / 1e6),
+        Value::Decimal(d) => json!({"__type__": "decimal", "__value__": d}),
+        Value::Uuid(u) => json!({"__type__": "uuid", "__value__": {"hex": u.simple().to_string()}}),
+    }
+}
+
+/// Encodes a [`Value`] as JSON bytes (kombu's `dumps`).
+pub fn encode(v: &Value) -> Vec<u8> {
+    // Serializing a serde_json::Value cannot fail.
+    serde_json::to_vec(&to_json(v)).unwrap_or_default()
+}
+
+/// JSON object keys must be strings; Python's json turns ints/floats/bools/None into text.
+fn key_text(k: &Value) -> String {
+    match k {
+        Value::Str(s) => s.clone(),
+        Value::None => "null".into(),
+        Value::Bool(b) => b.to_string(),
+        Value::Int(i) => i.to_string(),
+        Value::BigInt(s) => s.clone(),
+        Value::Float(f) => f.to_string(),
+        other => to_json(other).to_string(),
+    }
+}
+
+fn time_iso(t: &NaiveTime) -> String {
+    use chrono::Timelike;
+    if t.nanosecond() / 1000 == 0 {
+        t.format("%H:%M:%S").to_string()
+    } else {
+        t.format("%H:%M:%S%.6f").to_string()
+    }
+}
+
+/// Python's `datetime.isoformat()` for a [`Value::DateTime`] (microseconds
+/// omitted when zero, `+HH:MM` offset for aware values).
+pub fn isoformat(v: &Value) -> String {
+    use chrono::Timelike;
+    let Value::DateTime {
+        naive,
+        offset_seconds,
+    } = v
+    else {
+        return String::new();
+    };
+    let mut s = if naive.nanosecond() / 1000 == 0 {
+        naive.format("%Y-%m-%dT%H:%M:%S").to_string()
+    } else {
+        naive.format("%Y-%m-%dT%H:%M:%S%.6f").to_string()
+    };
+    if let Some(off) = offset_seconds {
+        let sign = if *off < 0 { '-' } else { '+' };
+        let a = off.unsigned_abs();
+        s.push_str(&format!("{sign}{:02}:{:02}", a / 3600, (a % 3600) / 60));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kombu_wrappers_round_trip() {
+        let src = br#"[{"__type__": "datetime", "__value__": "2024-01-02T03:04:05.678901+00:00"},
+            {"__type__": "date", "__value__": "2024-01-02"},
+            {"__type__": "decimal", "__value__": "1.10"},
+            {"__type__": "uuid", "__value__": {"hex": "12345678123456781234567812345678"}},
+            {"__type__": "base64", "__value__": "AP9hYg=="},
+            {"__type__": "bytes", "__value__": "hello"}]"#;
+        let v = decode(src).expect("decodes");
+        let items = v.as_seq().expect("list");
+        assert!(matches!(
+            items[0],
+            Value::DateTime {
+                offset_seconds: Some(0),
+                ..
+            }
+        ));
+        assert_eq!(items[2], Value::Decimal("1.10".into()));
+        assert_eq!(items[4], Value::Bytes(vec![0, 0xff, b'a', b'b']));
+        assert_eq!(items[5], Value::Bytes(b"hello".to_vec()));
+        let back = to_json(&v);
+        assert_eq!(back[0]["__value__"], "2024-01-02T03:04:05.678901+00:00");
+        assert_eq!(
+            back[3]["__value__"]["hex"],
+            "12345678123456781234567812345678"
+        );
+        assert_eq!(back[4]["__value__"], "AP9hYg==");
+    }
+
+    #[test]
+    fn unknown_wrapper_is_an_error() {
+        let err = decode(br#"{"__type__": "pickle", "__value__": "x"}"#).unwrap_err();
+        assert!(matches!(err, JsonError::BadWrapper { .. }), "{err}");
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_not_a_stack_overflow() {
+        let deep = "[".repeat(100_000) + &"]".repeat(100_000);
+        assert!(decode(deep.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn three_keys_is_a_plain_dict() {
+        let v = decode(br#"{"__type__": "x", "__value__": 1, "y": 2}"#).expect("decodes");
+        assert_eq!(v.get("y"), Some(&Value::Int(2)));
+    }
+}

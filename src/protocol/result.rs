@@ -1,0 +1,274 @@
+//! Result metadata as Celery's backends store and publish it.
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+
+use super::value::Value;
+
+/// Celery task states the worker writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Execution began (`task_track_started`).
+    Started,
+    /// Finished with a return value.
+    Success,
+    /// Raised (or could not run).
+    Failure,
+    /// Revoked or expired.
+    Revoked,
+    /// Will be retried.
+    Retry,
+}
+
+impl State {
+    /// The Celery spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Started => "STARTED",
+            State::Success => "SUCCESS",
+            State::Failure => "FAILURE",
+            State::Revoked => "REVOKED",
+            State::Retry => "RETRY",
+        }
+    }
+
+    /// SUCCESS, FAILURE and REVOKED are final (`celery.states.READY_STATES`).
+    pub fn is_ready(self) -> bool {
+        matches!(self, State::Success | State::Failure | State::Revoked)
+    }
+}
+
+/// The exception a client re-raises from a FAILURE/REVOKED result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExceptionInfo {
+    /// Class name, e.g. `NotRegistered`.
+    pub exc_type: String,
+    /// Module the client imports it from, e.g. `celery.exceptions`.
+    pub exc_module: String,
+    /// Constructor arguments.
+    pub exc_message: Vec<Value>,
+}
+
+/// One result state for one task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResultMeta {
+    /// Task id.
+    pub task_id: String,
+    /// State.
+    pub status: State,
+    /// Return value, STARTED info, or the exception dict.
+    pub result: Value,
+    /// Formatted traceback for failures.
+    pub traceback: Option<String>,
+    /// Child results (always empty here: no canvas support yet).
+    pub children: Vec<Value>,
+    /// Set for ready states.
+    pub date_done: Option<DateTime<Utc>>,
+}
+
+impl ExceptionInfo {
+    /// Any exception; `message` becomes the single constructor argument.
+    pub fn new(module: &str, exc_type: &str, message: impl Into<String>) -> Self {
+        ExceptionInfo {
+            exc_type: exc_type.to_owned(),
+            exc_module: module.to_owned(),
+            exc_message: vec![Value::Str(message.into())],
+        }
+    }
+
+    /// `celery.exceptions.NotRegistered(name)`, as the Python worker stores it
+    /// for an unknown task name (`exc_message: [name]`).
+    pub fn not_registered(task_name: &str) -> Self {
+        Self::new("celery.exceptions", "NotRegistered", task_name)
+    }
+
+    /// `billiard.exceptions.TimeLimitExceeded(seconds)`: the hard limit killed the task.
+    pub fn time_limit_exceeded(secs: f64) -> Self {
+        ExceptionInfo {
+            exc_type: "TimeLimitExceeded".to_owned(),
+            exc_module: "billiard.exceptions".to_owned(),
+            exc_message: vec![Value::Float(secs)],
+        }
+    }
+
+    /// `billiard.exceptions.SoftTimeLimitExceeded()` (billiard raises it without arguments).
+    pub fn soft_time_limit_exceeded() -> Self {
+        ExceptionInfo {
+            exc_type: "SoftTimeLimitExceeded".to_owned(),
+            exc_module: "billiard.exceptions".to_owned(),
+            exc_message: Vec::new(),
+        }
+    }
+
+    /// `celery.exceptions.TaskRevokedError(reason)`; reason is `revoked`,
+    /// `expired` or `terminated` in Celery.
+    pub fn revoked(reason: &str) -> Self {
+        Self::new("celery.exceptions", "TaskRevokedError", reason)
+    }
+
+    /// The dict Celery's `prepare_exception` stores for non-pickle
+    /// serializers, which `exception_to_python` turns back into an exception
+    /// on the client: `{"exc_type", "exc_message": [...], "exc_module"}`.
+    pub fn to_value(&self) -> Value {
+        Value::dict([
+            ("exc_type", Value::Str(self.exc_type.clone())),
+            ("exc_message", Value::List(self.exc_message.clone())),
+            ("exc_module", Value::Str(self.exc_module.clone())),
+        ])
+    }
+
+    /// `repr()` of the exception as Python shows it, e.g. `NotRegistered('x')`
+    /// (used for `task-failed` events' `exception` field).
+    pub fn repr(&self) -> String {
+        match self.exc_message.as_slice() {
+            [one] => format!("{}({})", self.exc_type, one.repr()),
+            many => {
+                let args: Vec<String> = many.iter().map(Value::repr).collect();
+                format!("{}({})", self.exc_type, args.join(", "))
+            }
+        }
+    }
+}
+
+impl ResultMeta {
+    /// STARTED with `{"pid", "hostname"}`, as `task_track_started` writes it.
+    pub fn started(task_id: &str, pid: u32, hostname: &str) -> Self {
+        ResultMeta {
+            task_id: task_id.to_owned(),
+            status: State::Started,
+            result: Value::dict([
+                ("pid", Value::Int(pid.into())),
+                ("hostname", Value::Str(hostname.to_owned())),
+            ]),
+            traceback: None,
+            children: Vec::new(),
+            date_done: None,
+        }
+    }
+
+    /// SUCCESS with the task's return value.
+    pub fn success(task_id: &str, result: Value) -> Self {
+        ResultMeta {
+            task_id: task_id.to_owned(),
+            status: State::Success,
+            result,
+            traceback: None,
+            children: Vec::new(),
+            date_done: Some(Utc::now()),
+        }
+    }
+
+    /// FAILURE carrying the exception dict and, if any, a formatted traceback.
+    pub fn failure(task_id: &str, exc: ExceptionInfo, traceback: Option<String>) -> Self {
+        ResultMeta {
+            task_id: task_id.to_owned(),
+            status: State::Failure,
+            result: exc.to_value(),
+            traceback,
+            children: Vec::new(),
+            date_done: Some(Utc::now()),
+        }
+    }
+
+    /// REVOKED with `TaskRevokedError(reason)`.
+    pub fn revoked(task_id: &str, reason: &str) -> Self {
+        ResultMeta {
+            task_id: task_id.to_owned(),
+            status: State::Revoked,
+            result: ExceptionInfo::revoked(reason).to_value(),
+            traceback: None,
+            children: Vec::new(),
+            date_done: Some(Utc::now()),
+        }
+    }
+
+    /// `date_done` as Python's `datetime.now(timezone.utc).isoformat()`:
+    /// `2026-11-22T02:59:39.456332+00:00` (microseconds dropped when zero).
+    pub fn date_done_iso(&self) -> Option<String> {
+        self.date_done.map(|d| {
+            super::json::isoformat(&Value::DateTime {
+                naive: d.naive_utc(),
+                offset_seconds: Some(0),
+            })
+        })
+    }
+
+    /// The meta as the rpc/redis backends serialize it: `status`, `result`,
+    /// `traceback`, `children`, `date_done`, `task_id`. Values Python's json
+    /// cannot carry use kombu's `__type__` wrappers (see [`super::json`]).
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({
+            "status": self.status.as_str(),
+            "result": super::json::to_json(&self.result),
+            "traceback": self.traceback,
+            "children": self.children.iter().map(super::json::to_json).collect::<Vec<_>>(),
+            "date_done": self.date_done_iso(),
+            "task_id": self.task_id,
+        })
+    }
+
+    /// [`ResultMeta::to_json`] as bytes (the body of an `application/json` result).
+    pub fn to_json_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.to_json()).unwrap_or_default()
+    }
+
+    /// The same meta as a Python dict in Celery's key order, for
+    /// [`super::pickle::encode`] (pickle result bodies, Binary fields in MongoDB).
+    /// `date_done` is the ISO string, as Celery stores it for rpc/redis.
+    pub fn to_value(&self) -> Value {
+        Value::dict([
+            ("status", Value::Str(self.status.as_str().to_owned())),
+            ("result", self.result.clone()),
+            (
+                "traceback",
+                self.traceback.clone().map_or(Value::None, Value::Str),
+            ),
+            ("children", Value::List(self.children.clone())),
+            (
+                "date_done",
+                self.date_done_iso().map_or(Value::None, Value::Str),
+            ),
+            ("task_id", Value::Str(self.task_id.clone())),
+        ])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn started_has_celery_shape() {
+        let j = ResultMeta::started("t1", 25341, "gtworker@vm").to_json();
+        assert_eq!(
+            j,
+            json!({"status": "STARTED", "result": {"pid": 25341, "hostname": "gtworker@vm"},
+                   "traceback": null, "children": [], "date_done": null, "task_id": "t1"})
+        );
+    }
+
+    #[test]
+    fn failure_and_revoked_carry_exception_dicts() {
+        let j =
+            ResultMeta::failure("t", ExceptionInfo::not_registered("proj.nope"), None).to_json();
+        assert_eq!(j["status"], "FAILURE");
+        assert_eq!(
+            j["result"],
+            json!({"exc_type": "NotRegistered", "exc_message": ["proj.nope"], "exc_module": "celery.exceptions"})
+        );
+        let d = j["date_done"].as_str().expect("date_done set");
+        assert!(d.ends_with("+00:00"), "{d}");
+        let r = ResultMeta::revoked("t", "expired").to_json();
+        assert_eq!(r["result"]["exc_message"], json!(["expired"]));
+        assert_eq!(
+            ExceptionInfo::time_limit_exceeded(1230.0)
+                .to_value()
+                .get("exc_message"),
+            Some(&Value::List(vec![Value::Float(1230.0)]))
+        );
+        assert_eq!(
+            ExceptionInfo::not_registered("x").repr(),
+            "NotRegistered('x')"
+        );
+    }
+}

@@ -1,0 +1,564 @@
+//! The Python value model that task arguments, kwargs and results are decoded into.
+//!
+//! Pickle, kombu JSON and AMQP field tables all decode into [`Value`], so the
+//! rest of the worker never sees a wire format. Only plain data is
+//! representable: there is deliberately no variant for "an arbitrary Python
+//! object", which is what makes the pickle decoder safe (see `pickle.rs`).
+
+use chrono::{NaiveDate, NaiveDateTime, NaiveTime};
+
+/// A plain Python value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// `None`
+    None,
+    /// `bool`
+    Bool(bool),
+    /// `int` that fits in 64 bits.
+    Int(i64),
+    /// `int` outside 64 bits, as its decimal text.
+    BigInt(String),
+    /// `float`
+    Float(f64),
+    /// `str`
+    Str(String),
+    /// `bytes` / `bytearray`
+    Bytes(Vec<u8>),
+    /// `list`
+    List(Vec<Value>),
+    /// `tuple`
+    Tuple(Vec<Value>),
+    /// `set` / `frozenset`, in wire order.
+    Set(Vec<Value>),
+    /// `dict`, in insertion order; keys may be any hashable value.
+    Dict(Vec<(Value, Value)>),
+    /// `datetime.datetime`; `offset_seconds` is the UTC offset for aware values.
+    DateTime {
+        /// Wall-clock value as written by the sender.
+        naive: NaiveDateTime,
+        /// UTC offset in seconds, `None` for naive datetimes.
+        offset_seconds: Option<i32>,
+    },
+    /// `datetime.date`
+    Date(NaiveDate),
+    /// `datetime.time` (naive)
+    Time(NaiveTime),
+    /// `datetime.timedelta`
+    TimeDelta {
+        /// days
+        days: i64,
+        /// seconds (0..86400)
+        seconds: i64,
+        /// microseconds (0..1_000_000)
+        microseconds: i64,
+    },
+    /// `decimal.Decimal`, as its text.
+    Decimal(String),
+    /// `uuid.UUID`
+    Uuid(uuid::Uuid),
+}
+
+impl Value {
+    /// The value as `&str` when it is a `str`.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The value as `i64` when it is an `int` that fits.
+    pub fn as_i64(&self) -> Option<i64> {
+        match self {
+            Value::Int(i) => Some(*i),
+            _ => None,
+        }
+    }
+
+    /// The value as `f64` when it is an `int` or `float`.
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Value::Int(i) => Some(*i as f64),
+            Value::Float(f) => Some(*f),
+            _ => None,
+        }
+    }
+
+    /// The elements when the value is a `list` or `tuple`.
+    pub fn as_seq(&self) -> Option<&[Value]> {
+        match self {
+            Value::List(v) | Value::Tuple(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The items when the value is a `dict`.
+    pub fn as_dict(&self) -> Option<&[(Value, Value)]> {
+        match self {
+            Value::Dict(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    /// Looks up a `str` key in a `dict` value.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.as_dict()?
+            .iter()
+            .find(|(k, _)| k.as_str() == Some(key))
+            .map(|(_, v)| v)
+    }
+
+    /// `true` for `None`.
+    pub fn is_none(&self) -> bool {
+        matches!(self, Value::None)
+    }
+
+    /// Builds a `dict` with `str` keys.
+    pub fn dict<K: Into<String>>(items: impl IntoIterator<Item = (K, Value)>) -> Value {
+        Value::Dict(
+            items
+                .into_iter()
+                .map(|(k, v)| (Value::Str(k.into()), v))
+                .collect(),
+        )
+    }
+
+    /// Python type name, for error messages.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Value::None => "NoneType",
+            Value::Bool(_) => "bool",
+            Value::Int(_) | Value::BigInt(_) => "int",
+            Value::Float(_) => "float",
+            Value::Str(_) => "str",
+            Value::Bytes(_) => "bytes",
+            Value::List(_) => "list",
+            Value::Tuple(_) => "tuple",
+            Value::Set(_) => "set",
+            Value::Dict(_) => "dict",
+            Value::DateTime { .. } => "datetime",
+            Value::Date(_) => "date",
+            Value::Time(_) => "time",
+            Value::TimeDelta { .. } => "timedelta",
+            Value::Decimal(_) => "Decimal",
+            Value::Uuid(_) => "UUID",
+        }
+    }
+}
+
+impl Value {
+    /// Python's `repr()` of the value, for `argsrepr`/`kwargsrepr` in logs and
+    /// events, where Python tools (Flower, `celery events`) show it verbatim.
+    ///
+    /// Follows CPython for the plain types: quote choice and escapes for
+    /// `str`/`bytes`, shortest round-trip floats (`1e+16`, `1.0`, `inf`),
+    /// `(1,)`, `set()`, and the `datetime` module's reprs. `str.isprintable`
+    /// is approximated without Unicode tables (controls, separators, format
+    /// and private-use characters are escaped); a frozenset shows as a set
+    /// and a bytearray as bytes, because [`Value`] does not keep them apart.
+    pub fn repr(&self) -> String {
+        let mut out = String::new();
+        self.repr_into(&mut out);
+        out
+    }
+
+    fn repr_into(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        match self {
+            Value::None => out.push_str("None"),
+            Value::Bool(true) => out.push_str("True"),
+            Value::Bool(false) => out.push_str("False"),
+            Value::Int(i) => {
+                let _ = write!(out, "{i}");
+            }
+            Value::BigInt(s) => out.push_str(s),
+            Value::Float(f) => out.push_str(&float_repr(*f)),
+            Value::Str(s) => str_repr(s, out),
+            Value::Bytes(b) => bytes_repr(b, out),
+            Value::List(items) => {
+                out.push('[');
+                repr_seq(items, out);
+                out.push(']');
+            }
+            Value::Tuple(items) => {
+                out.push('(');
+                repr_seq(items, out);
+                if items.len() == 1 {
+                    out.push(',');
+                }
+                out.push(')');
+            }
+            Value::Set(items) if items.is_empty() => out.push_str("set()"),
+            Value::Set(items) => {
+                out.push('{');
+                repr_seq(items, out);
+                out.push('}');
+            }
+            Value::Dict(items) => {
+                out.push('{');
+                for (i, (k, v)) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(", ");
+                    }
+                    k.repr_into(out);
+                    out.push_str(": ");
+                    v.repr_into(out);
+                }
+                out.push('}');
+            }
+            Value::DateTime {
+                naive,
+                offset_seconds,
+            } => {
+                use chrono::{Datelike, Timelike};
+                let mut fields = vec![
+                    i64::from(naive.year()),
+                    i64::from(naive.month()),
+                    i64::from(naive.day()),
+                    i64::from(naive.hour()),
+                    i64::from(naive.minute()),
+                    i64::from(naive.second()),
+                    i64::from(naive.nanosecond() / 1000),
+                ];
+                // CPython drops a zero microsecond, then a zero second.
+                for _ in 0..2 {
+                    if fields.len() > 5 && fields.last() == Some(&0) {
+                        fields.pop();
+                    }
+                }
+                out.push_str("datetime.datetime(");
+                out.push_str(&join_ints(&fields));
+                if let Some(off) = offset_seconds {
+                    out.push_str(", tzinfo=");
+                    out.push_str(&timezone_repr(*off));
+                }
+                out.push(')');
+            }
+            Value::Date(d) => {
+                use chrono::Datelike;
+                let _ = write!(
+                    out,
+                    "datetime.date({}, {}, {})",
+                    d.year(),
+                    d.month(),
+                    d.day()
+                );
+            }
+            Value::Time(t) => {
+                use chrono::Timelike;
+                let us = t.nanosecond() / 1000;
+                let _ = write!(out, "datetime.time({}, {}", t.hour(), t.minute());
+                if us != 0 {
+                    let _ = write!(out, ", {}, {}", t.second(), us);
+                } else if t.second() != 0 {
+                    let _ = write!(out, ", {}", t.second());
+                }
+                out.push(')');
+            }
+            Value::TimeDelta {
+                days,
+                seconds,
+                microseconds,
+            } => out.push_str(&timedelta_repr(*days, *seconds, *microseconds)),
+            Value::Decimal(d) => {
+                out.push_str("Decimal(");
+                str_repr(d, out);
+                out.push(')');
+            }
+            Value::Uuid(u) => {
+                let _ = write!(out, "UUID('{}')", u.hyphenated());
+            }
+        }
+    }
+}
+
+fn repr_seq(items: &[Value], out: &mut String) {
+    for (i, v) in items.iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        v.repr_into(out);
+    }
+}
+
+fn join_ints(v: &[i64]) -> String {
+    v.iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn timedelta_repr(days: i64, seconds: i64, microseconds: i64) -> String {
+    let mut parts = Vec::new();
+    if days != 0 {
+        parts.push(format!("days={days}"));
+    }
+    if seconds != 0 {
+        parts.push(format!("seconds={seconds}"));
+    }
+    if microseconds != 0 {
+        parts.push(format!("microseconds={microseconds}"));
+    }
+    if parts.is_empty() {
+        "datetime.timedelta(0)".to_owned()
+    } else {
+        format!("datetime.timedelta({})", parts.join(", "))
+    }
+}
+
+/// `repr(datetime.timezone(timedelta(seconds=off)))`; UTC has its own name.
+fn timezone_repr(off: i32) -> String {
+    if off == 0 {
+        return "datetime.timezone.utc".to_owned();
+    }
+    let off = i64::from(off);
+    format!(
+        "datetime.timezone({})",
+        timedelta_repr(off.div_euclid(86_400), off.rem_euclid(86_400), 0)
+    )
+}
+
+/// CPython's `float.__repr__`: the shortest round-trip digits, in positional
+/// notation when the decimal exponent is in `-4 <= e < 16`, else scientific
+/// with a signed two-digit exponent.
+pub(crate) fn float_repr(f: f64) -> String {
+    if f.is_nan() {
+        return "nan".to_owned();
+    }
+    if f.is_infinite() {
+        return if f > 0.0 { "inf" } else { "-inf" }.to_owned();
+    }
+    // Rust's `{:e}` gives the same shortest digits, e.g. "1.2345e-7", "-0e0".
+    let sci = format!("{:e}", f);
+    let (mant, exp) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let (neg, mant) = match mant.strip_prefix('-') {
+        Some(m) => (true, m),
+        None => (false, mant),
+    };
+    let digits: String = mant.chars().filter(|c| *c != '.').collect();
+    let decpt = exp + 1; // position of the decimal point relative to the digits
+    let mut s = String::new();
+    if neg {
+        s.push('-');
+    }
+    if (-3..=16).contains(&decpt) {
+        let n = digits.len() as i32;
+        if decpt <= 0 {
+            s.push_str("0.");
+            s.push_str(&"0".repeat((-decpt) as usize));
+            s.push_str(&digits);
+        } else if decpt >= n {
+            s.push_str(&digits);
+            s.push_str(&"0".repeat((decpt - n) as usize));
+            s.push_str(".0");
+        } else {
+            let (a, b) = digits.split_at(decpt as usize);
+            s.push_str(a);
+            s.push('.');
+            s.push_str(b);
+        }
+    } else {
+        let (first, rest) = digits.split_at(1.min(digits.len()));
+        s.push_str(first);
+        if !rest.is_empty() {
+            s.push('.');
+            s.push_str(rest);
+        }
+        let sign = if exp < 0 { '-' } else { '+' };
+        s.push_str(&format!("e{sign}{:02}", exp.unsigned_abs()));
+    }
+    s
+}
+
+/// An approximation of `str.isprintable()` for one character.
+fn is_printable(c: char) -> bool {
+    let cp = u32::from(c);
+    if c == ' ' {
+        return true;
+    }
+    if c.is_control() {
+        return false;
+    }
+    !matches!(cp,
+        // Zs (other than space), Zl, Zp
+        0xA0 | 0x1680 | 0x2000..=0x200A | 0x2028 | 0x2029 | 0x202F | 0x205F | 0x3000
+        // Cf
+        | 0xAD | 0x600..=0x605 | 0x61C | 0x6DD | 0x70F | 0x180E | 0x200B..=0x200F
+        | 0x202A..=0x202E | 0x2060..=0x2064 | 0x2066..=0x206F | 0xFEFF | 0xFFF9..=0xFFFB
+        | 0x110BD | 0x1D173..=0x1D17A | 0xE0001 | 0xE0020..=0xE007F
+        // Co (private use) and noncharacters
+        | 0xE000..=0xF8FF | 0xF0000..=0x10FFFF | 0xFFFE | 0xFFFF)
+}
+
+fn quote_for(has_single: bool, has_double: bool) -> char {
+    if has_single && !has_double {
+        '"'
+    } else {
+        '\''
+    }
+}
+
+fn str_repr(s: &str, out: &mut String) {
+    use std::fmt::Write as _;
+    let q = quote_for(s.contains('\''), s.contains('"'));
+    out.push(q);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == q => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if is_printable(c) => out.push(c),
+            c => {
+                let cp = u32::from(c);
+                let _ = if cp < 0x100 {
+                    write!(out, "\\x{cp:02x}")
+                } else if cp < 0x10000 {
+                    write!(out, "\\u{cp:04x}")
+                } else {
+                    write!(out, "\\U{cp:08x}")
+                };
+            }
+        }
+    }
+    out.push(q);
+}
+
+fn bytes_repr(b: &[u8], out: &mut String) {
+    use std::fmt::Write as _;
+    let q = quote_for(b.contains(&b'\''), b.contains(&b'"'));
+    out.push('b');
+    out.push(q);
+    for &c in b {
+        match c {
+            b'\\' => out.push_str("\\\\"),
+            b'\n' => out.push_str("\\n"),
+            b'\r' => out.push_str("\\r"),
+            b'\t' => out.push_str("\\t"),
+            c if char::from(c) == q => {
+                out.push('\\');
+                out.push(char::from(c));
+            }
+            0x20..=0x7e => out.push(char::from(c)),
+            c => {
+                let _ = write!(out, "\\x{c:02x}");
+            }
+        }
+    }
+    out.push(q);
+}
+
+impl From<&str> for Value {
+    fn from(s: &str) -> Self {
+        Value::Str(s.to_owned())
+    }
+}
+
+impl From<String> for Value {
+    fn from(s: String) -> Self {
+        Value::Str(s)
+    }
+}
+
+impl From<i64> for Value {
+    fn from(i: i64) -> Self {
+        Value::Int(i)
+    }
+}
+
+impl From<bool> for Value {
+    fn from(b: bool) -> Self {
+        Value::Bool(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{NaiveDate, NaiveTime};
+
+    #[test]
+    fn float_repr_matches_python() {
+        for (f, want) in [
+            (1.0, "1.0"),
+            (1e16, "1e+16"),
+            (1e15, "1000000000000000.0"),
+            (0.0001, "0.0001"),
+            (1e-5, "1e-05"),
+            (1.5e-7, "1.5e-07"),
+            (-0.0, "-0.0"),
+            (0.1, "0.1"),
+            (123456789012345678.0, "1.2345678901234568e+17"),
+            (1e22, "1e+22"),
+            (f64::INFINITY, "inf"),
+            (f64::NEG_INFINITY, "-inf"),
+            (f64::NAN, "nan"),
+            (2.5, "2.5"),
+            (12345.678, "12345.678"),
+        ] {
+            assert_eq!(float_repr(f), want, "{f}");
+        }
+    }
+
+    #[test]
+    fn str_repr_matches_python() {
+        assert_eq!(Value::from("a").repr(), "'a'");
+        assert_eq!(Value::from("it's").repr(), "\"it's\"");
+        assert_eq!(Value::from("'\"").repr(), r#"'\'"'"#);
+        assert_eq!(
+            Value::from("a\nb\t\\\x00\x7f\u{a0}é€😀").repr(),
+            r"'a\nb\t\\\x00\x7f\xa0é€😀'"
+        );
+        assert_eq!(Value::from("\u{2028}").repr(), r"'\u2028'");
+        assert_eq!(
+            Value::Bytes(b"a'\x00\xff".to_vec()).repr(),
+            r#"b"a'\x00\xff""#
+        );
+    }
+
+    #[test]
+    fn containers_and_datetimes() {
+        let naive = NaiveDate::from_ymd_opt(2024, 1, 2)
+            .and_then(|d| d.and_hms_micro_opt(3, 4, 5, 678_901))
+            .expect("valid");
+        let v = Value::Tuple(vec![
+            Value::Tuple(vec![Value::Int(1)]),
+            Value::Set(vec![]),
+            Value::Set(vec![Value::Int(1), Value::Int(2)]),
+            Value::dict([("a", Value::Int(1))]),
+            Value::DateTime {
+                naive,
+                offset_seconds: Some(0),
+            },
+        ]);
+        assert_eq!(
+            v.repr(),
+            "((1,), set(), {1, 2}, {'a': 1}, datetime.datetime(2024, 1, 2, 3, 4, 5, 678901, tzinfo=datetime.timezone.utc))"
+        );
+        let midnight = NaiveDate::from_ymd_opt(2024, 1, 2)
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+            .expect("valid");
+        assert_eq!(
+            Value::DateTime { naive: midnight, offset_seconds: Some(-18_000) }.repr(),
+            "datetime.datetime(2024, 1, 2, 0, 0, tzinfo=datetime.timezone(datetime.timedelta(days=-1, seconds=68400)))"
+        );
+        assert_eq!(
+            Value::Time(NaiveTime::from_hms_opt(3, 4, 0).expect("valid")).repr(),
+            "datetime.time(3, 4)"
+        );
+        assert_eq!(
+            Value::TimeDelta {
+                days: 0,
+                seconds: 0,
+                microseconds: 0
+            }
+            .repr(),
+            "datetime.timedelta(0)"
+        );
+    }
+}

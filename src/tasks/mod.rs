@@ -1,0 +1,200 @@
+//! Task implementations, one file per Celery task name, and the registry.
+//!
+//! A [`Task`] gets the decoded [`TaskMessage`] and a [`TaskContext`] and
+//! returns the value Celery would store, or a [`TaskError`] carrying the
+//! exception the client should re-raise. Unknown names are the worker's
+//! business ([`crate::config::UnknownTaskPolicy`]), not the registry's.
+
+pub mod execute_scripts;
+pub mod omega_ping;
+pub mod run_omegaml_job;
+pub mod schedule_omegaml_job;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::{ExceptionInfo, TaskMessage, Value};
+
+/// Why a running task was asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelReason {
+    /// The soft time limit passed (Celery raises `SoftTimeLimitExceeded`).
+    SoftTimeLimit,
+    /// A `revoke(terminate=True)` named this task.
+    Revoked,
+    /// The worker is shutting down and the grace period is over.
+    Shutdown,
+}
+
+/// What a task may know about the worker running it.
+#[derive(Debug, Clone)]
+pub struct TaskContext {
+    /// This worker's nodename (`name@host`).
+    pub nodename: String,
+    /// Fires at the soft time limit, on revoke or at shutdown: stop, clean up, return.
+    pub cancel: CancellationToken,
+    /// Set just before `cancel` fires by whoever cancels; unset means shutdown
+    /// (the worker cancels all tasks through a parent token).
+    pub cancel_reason: Arc<std::sync::OnceLock<CancelReason>>,
+    /// Soft time limit in seconds, for tasks that pass it on (e.g. to a kernel).
+    pub soft_time_limit: Option<f64>,
+    /// The concurrency slot this run occupies (0-based, below the
+    /// concurrency): picks its GPU, see [`gpu_env_for_slot`].
+    pub slot: usize,
+    /// The worker's GPU list (`--gpus`); empty = no GPU assignment.
+    pub gpus: Vec<String>,
+}
+
+/// The `CUDA_VISIBLE_DEVICES` value for a task slot: slot `i` gets
+/// `gpus[i % n]`, so N concurrent slots on N GPUs never share one (and more
+/// slots than GPUs share them round-robin). `None` when no GPUs are
+/// configured: the kernel then inherits the worker's environment unchanged.
+pub fn gpu_env_for_slot(gpus: &[String], slot: usize) -> Option<String> {
+    if gpus.is_empty() {
+        return None;
+    }
+    gpus.get(slot % gpus.len()).cloned()
+}
+
+impl TaskContext {
+    /// Stops the task for `reason` (the first reason given wins).
+    pub fn cancel_with(&self, reason: CancelReason) {
+        let _ = self.cancel_reason.set(reason);
+        self.cancel.cancel();
+    }
+
+    /// Why the task was cancelled, if it was.
+    pub fn cancelled_because(&self) -> Option<CancelReason> {
+        self.cancel.is_cancelled().then(|| {
+            self.cancel_reason
+                .get()
+                .copied()
+                .unwrap_or(CancelReason::Shutdown)
+        })
+    }
+}
+
+/// A task's failure: the exception for the client plus a traceback text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskError {
+    /// What the client re-raises.
+    pub exception: ExceptionInfo,
+    /// Traceback text stored with the FAILURE.
+    pub traceback: Option<String>,
+}
+
+impl TaskError {
+    /// A `TypeError` for arguments of the wrong shape, as Python would raise.
+    pub fn type_error(message: impl Into<String>) -> Self {
+        let message = message.into();
+        TaskError {
+            traceback: Some(format!("TypeError: {message}\n")),
+            exception: ExceptionInfo {
+                exc_type: "TypeError".into(),
+                exc_module: "builtins".into(),
+                exc_message: vec![Value::Str(message)],
+            },
+        }
+    }
+}
+
+/// One Celery task.
+#[async_trait]
+pub trait Task: Send + Sync {
+    /// The registered name, e.g. `omegaml.tasks.omega_ping`.
+    fn name(&self) -> &'static str;
+    /// Whether the worker records this task in the in-flight ledger before
+    /// acking it, so a crash mid-run re-queues it. Such a task must be
+    /// idempotent: a re-run of a task whose result is already recorded must
+    /// not record it again.
+    fn durable(&self) -> bool {
+        false
+    }
+    /// Runs the task.
+    async fn run(&self, ctx: TaskContext, msg: &TaskMessage) -> Result<Value, TaskError>;
+}
+
+/// Task name → implementation.
+#[derive(Default, Clone)]
+pub struct Registry {
+    tasks: HashMap<&'static str, Arc<dyn Task>>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The tasks om-worker implements.
+    pub fn builtin() -> Self {
+        let mut r = Self::new();
+        r.register(Arc::new(omega_ping::OmegaPing));
+        r
+    }
+
+    /// Adds (or replaces) a task.
+    pub fn register(&mut self, task: Arc<dyn Task>) {
+        self.tasks.insert(task.name(), task);
+    }
+
+    /// Looks a task up by name.
+    pub fn get(&self, name: &str) -> Option<Arc<dyn Task>> {
+        self.tasks.get(name).cloned()
+    }
+
+    /// Registered names, sorted (for `registered` and logs).
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut v: Vec<_> = self.tasks.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+/// A keyword argument, borrowed from the message.
+pub type Kwarg<'a> = &'a (String, Value);
+
+/// Splits kwargs as omega|ml's `OmegamlTask` does: keys starting with `__`
+/// are system kwargs (first), the rest go to the task function (second).
+pub fn split_system_kwargs(kwargs: &[(String, Value)]) -> (Vec<Kwarg<'_>>, Vec<Kwarg<'_>>) {
+    kwargs.iter().partition(|(k, _)| k.starts_with("__"))
+}
+
+/// The notebook name a notebook task is called with: `args[0]`, else the
+/// `nb_file` keyword, a `str` either way — as Python would bind
+/// `task(nb_file, ...)`, with Python's `TypeError` texts otherwise.
+pub fn nb_file_arg(msg: &TaskMessage, task: &str) -> Result<String, TaskError> {
+    match (msg.args.first(), msg.kwarg("nb_file")) {
+        (Some(Value::Str(s)), _) | (None, Some(Value::Str(s))) => Ok(s.clone()),
+        (Some(other), _) | (None, Some(other)) => Err(TaskError::type_error(format!(
+            "{task}() nb_file must be str, not {}",
+            other.type_name()
+        ))),
+        (None, None) => Err(TaskError::type_error(format!(
+            "{task}() missing 1 required positional argument: 'nb_file'"
+        ))),
+    }
+}
+
+/// The `__bucket` system kwarg (None/`default` → the default bucket).
+pub fn bucket_from(msg: &TaskMessage) -> Result<String, TaskError> {
+    let (system, _) = split_system_kwargs(&msg.kwargs);
+    let mut bucket = None;
+    for (k, v) in system {
+        match (k.as_str(), v) {
+            ("__bucket", Value::Str(b)) => bucket = Some(b.as_str()),
+            ("__bucket", Value::None) => {}
+            ("__bucket", other) => {
+                return Err(TaskError::type_error(format!(
+                    "__bucket must be str or None, not {}",
+                    other.type_name()
+                )))
+            }
+            _ => {}
+        }
+    }
+    Ok(crate::store::bucket_name(bucket))
+}

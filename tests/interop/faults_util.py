@@ -1,0 +1,350 @@
+"""Helpers for test_faults.py: broker/database outages, process inspection, client scripts.
+
+Everything here acts only on what the tests start (their own om-worker, SecantusDB, kernels), except
+the two shared services the fault tests must restart: RabbitMQ (`rabbitmqctl stop_app/start_app`) and
+Redis (`SHUTDOWN NOSAVE`, then the same command line it runs with). Both are always restored.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+
+
+def fail(msg):
+    pytest.fail(msg, pytrace=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# client scripts: the unchanged omega|ml client in a fresh process
+# ---------------------------------------------------------------------------------------------
+
+CLIENT_PRELUDE = """
+import json, sys, time, os
+def out(v):
+    print("@@OMW-FAULT@@ " + json.dumps(v, default=repr)); sys.stdout.flush()
+"""
+
+
+def run_client(python, script, env, timeout=120, what="client"):
+    """Runs `script` (dedented, after CLIENT_PRELUDE) with the omega|ml client; returns the value it
+    passed to out() last. Fails with its output if it exits non-zero or runs past `timeout`."""
+    code = CLIENT_PRELUDE + textwrap.dedent(script)
+    try:
+        proc = subprocess.run([str(python), "-c", code], env=env, cwd=str(ROOT), capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        fail(f"{what} ran past {timeout}s\n--- stdout ---\n{(e.stdout or '')[-3000:]}\n"
+             f"--- stderr ---\n{(e.stderr or '')[-3000:]}")
+    vals = [json.loads(l[len("@@OMW-FAULT@@ "):]) for l in proc.stdout.splitlines()
+            if l.startswith("@@OMW-FAULT@@ ")]
+    if proc.returncode != 0 or not vals:
+        fail(f"{what} failed (rc {proc.returncode})\n--- stdout ---\n{proc.stdout[-3000:]}\n"
+             f"--- stderr ---\n{proc.stderr[-4000:]}")
+    return vals[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# processes
+# ---------------------------------------------------------------------------------------------
+
+def proc_state(pid):
+    """'R', 'S', 'Z', ... or None when the process does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
+def gone(pid):
+    return proc_state(pid) in (None, "Z", "X")
+
+
+def rss_kb(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return 0
+
+
+def procs_with_env(key, value):
+    """PIDs (other than zombies) whose initial environment has key=value: the kernels and fork server
+    of one om-worker are found by the OMEGA_TMP directory it was started with (unique per worker)."""
+    needle = f"{key}={value}".encode()
+    found = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        if needle in env and not gone(int(d)):
+            found.append(int(d))
+    return found
+
+
+def cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return "<gone>"
+
+
+def children(pid):
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            out.append(int(d))
+    return out
+
+
+class RssSampler:
+    """Samples VmRSS of one PID every `interval` seconds in a thread; .peak_kb, .samples."""
+
+    def __init__(self, pid, interval=0.05):
+        self.pid = pid
+        self.interval = interval
+        self.samples = []
+        self.times = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        t0 = time.monotonic()
+        self.wall0 = time.time()
+        while not self._stop.is_set():
+            v = rss_kb(self.pid)
+            if v is not None:
+                self.samples.append(v)
+                self.times.append(time.monotonic() - t0)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join(timeout=5)
+
+    @property
+    def peak_at(self):
+        """seconds after the start of sampling when the peak was seen"""
+        return self.times[self.samples.index(self.peak_kb)] if self.samples else None
+
+    @property
+    def peak_utc(self):
+        import datetime
+        if not self.samples:
+            return None
+        t = self.wall0 + self.peak_at
+        return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+
+    def profile(self, step=1.0):
+        """(t, max RSS MB) per `step` seconds, for reports"""
+        out = {}
+        for t, v in zip(self.times, self.samples):
+            k = round(int(t / step) * step, 1)
+            out[k] = max(out.get(k, 0), round(v / 1024))
+        return sorted(out.items())
+
+    @property
+    def peak_kb(self):
+        return max(self.samples) if self.samples else None
+
+
+# ---------------------------------------------------------------------------------------------
+# RabbitMQ
+# ---------------------------------------------------------------------------------------------
+
+def rabbitmqctl_raw(*args, timeout=60):
+    return subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def rabbit_answers(amqp_url):
+    """True when a client can open an AMQP connection (and a channel)."""
+    from kombu import Connection
+    try:
+        with Connection(amqp_url, connect_timeout=2) as c:
+            c.ensure_connection(max_retries=1, timeout=2)
+            c.channel().close()
+        return True
+    except Exception:
+        return False
+
+
+def rabbit_restore(amqp_url, timeout=90):
+    """start_app (idempotent) and wait until RabbitMQ accepts connections again."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        p = rabbitmqctl_raw("start_app", timeout=max(5, deadline - time.monotonic()))
+        last = (p.returncode, p.stderr.strip()[-500:])
+        if p.returncode == 0:
+            break
+        time.sleep(1)
+    while time.monotonic() < deadline:
+        if rabbit_answers(amqp_url):
+            return
+        time.sleep(0.3)
+    fail(f"RabbitMQ did not come back within {timeout}s after start_app (last start_app: {last})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Redis
+# ---------------------------------------------------------------------------------------------
+
+REDIS_KEEP = ("daemonize", "bind", "port", "save", "appendonly", "dir", "logfile")
+
+
+def redis_conn(url, timeout=2):
+    import redis as _redis
+    return _redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+
+
+def redis_answers(url):
+    try:
+        return bool(redis_conn(url).ping())
+    except Exception:
+        return False
+
+
+def redis_server_argv(url):
+    """The command line the running redis-server was started with. Redis rewrites its own
+    /proc/<pid>/cmdline to `redis-server 127.0.0.1:6379`, so the settings are read back with
+    CONFIG GET (every one that the command line can set and that matters for a restart)."""
+    r = redis_conn(url)
+    info = r.info("server")
+    if info.get("config_file"):
+        fail(f"redis-server runs from a config file ({info['config_file']}); this test only knows how to "
+             "restart a server configured on its command line")
+    exe = shutil.which("redis-server")
+    if exe is None:
+        fail("redis-server is not on PATH: cannot restart Redis")
+    argv = [exe]
+    for key in REDIS_KEEP:
+        val = r.config_get(key).get(key)
+        if val is None:
+            continue
+        argv += [f"--{key}", *(val.split() if key == "bind" else [val])]
+    if ["--daemonize", "yes"] != argv[1:3]:
+        fail(f"redis-server is not daemonized ({argv}); restarting it would tie it to this test")
+    return argv, int(info["process_id"])
+
+
+def redis_start(argv, url, timeout=30):
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    if p.returncode != 0:
+        fail(f"restarting Redis failed: {argv} rc {p.returncode}: {p.stdout}{p.stderr}")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if redis_answers(url):
+            return
+        time.sleep(0.1)
+    fail(f"Redis did not answer PING within {timeout}s after {argv}")
+
+
+def redis_shutdown(url, pid, timeout=20):
+    try:
+        redis_conn(url).execute_command("SHUTDOWN", "NOSAVE")
+    except Exception:
+        pass  # the server closes the connection while shutting down
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if gone(pid) and not redis_answers(url):
+            return
+        time.sleep(0.05)
+    fail(f"redis-server pid {pid} still running {timeout}s after SHUTDOWN NOSAVE")
+
+
+# ---------------------------------------------------------------------------------------------
+# SecantusDB (our own instance)
+# ---------------------------------------------------------------------------------------------
+
+class Secantus:
+    def __init__(self, venv, port, data_dir, run_dir):
+        self.port = port
+        self.data_dir = Path(data_dir)
+        self.env = dict(os.environ, OM_RUN_DIR=str(run_dir), OM_VENV=str(venv))
+        self.script = ROOT / "scripts" / "secantus.sh"
+        self.url = f"mongodb://127.0.0.1:{port}/omw_faults"
+
+    def _call(self, *args, timeout=120):
+        return subprocess.run([str(self.script), *args, "--port", str(self.port)], env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def start(self):
+        p = self._call("start", "--dir", str(self.data_dir))
+        if p.returncode != 0:
+            fail(f"SecantusDB start --port {self.port} failed (rc {p.returncode}):\n{p.stdout}\n{p.stderr}")
+
+    def stop(self):
+        p = self._call("stop", timeout=60)
+        if p.returncode != 0:
+            fail(f"SecantusDB stop --port {self.port} failed (rc {p.returncode}):\n{p.stdout}\n{p.stderr}")
+
+    def answers(self):
+        return self._call("status", timeout=30).returncode == 0
+
+
+class FirstSuccess:
+    """Polls probe() in a thread from start() until it returns True; .at = time.monotonic() then."""
+
+    def __init__(self, probe, interval=0.1):
+        self.probe = probe
+        self.interval = interval
+        self.at = None
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            if self.probe():
+                self.at = time.monotonic()
+                return
+            self._stop.wait(self.interval)
+
+    def start(self):
+        self._t.start()
+        return self
+
+    def wait(self, timeout):
+        self._t.join(timeout)
+        return self.at
+
+    def stop(self):
+        self._stop.set()
+        self._t.join(timeout=10)
+
+
+def tcp_open(host, port):
+    import socket
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False

@@ -1,0 +1,368 @@
+//! Fork server (`ForkServerLauncher` + `python/om_forkserver.py`) against the real ipykernel in
+//! the pinned venv: same results as a plain kernel, death reporting, no orphans, server crash
+//! recovery and fallback. Most tests preload only `json` (fast server start); one preloads the
+//! omegaml default list.
+
+#[path = "executor_common.rs"]
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use om_worker::kernel::{
+    ForkServerConfig, ForkServerLauncher, KernelEnv, KernelLauncher, LaunchOptions,
+};
+use om_worker::notebook::{Executor, ExecutorConfig, RunError, RunOptions};
+
+const GONE: Duration = Duration::from_secs(15);
+
+fn fs_config() -> ForkServerConfig {
+    let mut c = ForkServerConfig::new(venv_python());
+    c.default_preload = false;
+    c.preload = vec!["json".into()];
+    c.cwd = Some(std::env::temp_dir());
+    c
+}
+
+fn launch_opts() -> LaunchOptions {
+    LaunchOptions {
+        cwd: Some(std::env::temp_dir()),
+        ..LaunchOptions::default()
+    }
+}
+
+fn fork_executor(launcher: Arc<ForkServerLauncher>) -> Executor {
+    let mut c = ExecutorConfig::new(launcher);
+    c.cwd = Some(std::env::temp_dir());
+    Executor::new(c)
+}
+
+/// Parent pid of `pid` from /proc.
+fn ppid(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Outputs without volatile parts (execution timing metadata).
+fn all_outputs(nb: &om_worker::notebook::Notebook) -> Vec<Vec<serde_json::Value>> {
+    nb.cells.iter().map(|c| c.outputs.clone()).collect()
+}
+
+#[tokio::test]
+async fn forked_kernel_gives_the_same_results_as_a_local_one() {
+    let cells = [
+        "import sys, os\nprint(sys.path[:4])\nprint(sys.argv[0].rsplit('/', 1)[-1], sys.executable)",
+        "print(os.getcwd() == os.path.realpath(%r))",
+        "print(os.getpid() == os.getpgid(0), 'JPY_PARENT_PID' in os.environ)",
+        "from IPython.display import display, HTML\ndisplay(HTML('<b>x</b>'))\n1 + 1",
+        "import sys\nprint('err', file=sys.stderr)\nprint(__name__, type(get_ipython()).__name__)",
+        "raise ValueError('boom')",
+    ];
+    let tmp = std::env::temp_dir()
+        .canonicalize()
+        .expect("tmp")
+        .display()
+        .to_string();
+    let cells: Vec<String> = cells
+        .iter()
+        .map(|c| c.replace("%r", &format!("{tmp:?}")))
+        .collect();
+    let refs: Vec<&str> = cells.iter().map(String::as_str).collect();
+
+    let launcher = Arc::new(ForkServerLauncher::new(fs_config()));
+    let (forked, fpid) = run_with(
+        &fork_executor(Arc::clone(&launcher)),
+        notebook(&refs),
+        RunOptions::default(),
+    )
+    .await;
+    let (local, _) = run(notebook(&refs)).await;
+    assert_eq!(launcher.stats().forked, 1, "{:?}", launcher.stats());
+    assert_eq!(launcher.stats().local, 0);
+    assert!(fpid.is_some());
+    for o in [&forked, &local] {
+        assert!(
+            matches!(&o.error, Some(RunError::Cell(e)) if e.ename == "ValueError"),
+            "{:?}",
+            o.error
+        );
+    }
+    assert_eq!(all_outputs(&forked.notebook), all_outputs(&local.notebook));
+    assert_eq!(
+        forked.notebook.metadata.get("language_info"),
+        local.notebook.metadata.get("language_info")
+    );
+    launcher.shutdown().await;
+}
+
+#[tokio::test]
+async fn forked_kernel_is_a_child_of_the_server_in_its_own_session() {
+    let launcher = ForkServerLauncher::new(fs_config());
+    let kernel = tokio::time::timeout(Duration::from_secs(120), launcher.launch(&launch_opts()))
+        .await
+        .expect("bounded")
+        .expect("launch");
+    let server = launcher.server_pid().await.expect("server running");
+    let pid = kernel.pid();
+    assert_eq!(ppid(pid), Some(server));
+    assert!(!group_members(pid).is_empty());
+    assert!(om_worker::kernel::live_kernel_groups().contains(&pid));
+    let exit = kernel.shutdown(Duration::from_secs(5)).await;
+    assert!(exit.is_some(), "exit status reported by the server");
+    assert!(wait_group_gone(pid, GONE).await.is_empty());
+    assert!(!om_worker::kernel::live_kernel_groups().contains(&pid));
+    launcher.shutdown().await;
+}
+
+#[tokio::test]
+async fn forked_kernel_death_is_reported_quickly() {
+    let launcher = Arc::new(ForkServerLauncher::new(fs_config()));
+    let exec = fork_executor(Arc::clone(&launcher));
+    // Start the server first so the timing below covers only the death.
+    launcher.start().await.expect("server starts");
+    let started = Instant::now();
+    let (o, pid) = run_with(
+        &exec,
+        notebook(&["import os\nos._exit(3)", "print('never')"]),
+        RunOptions::default(),
+    )
+    .await;
+    let took = started.elapsed();
+    match &o.error {
+        Some(RunError::KernelDied { cell_index, exit }) => {
+            assert_eq!(*cell_index, Some(0));
+            assert!(exit.contains("exit status 3"), "{exit}");
+        }
+        other => panic!("expected KernelDied, got {other:?}"),
+    }
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    assert!(wait_group_gone(pid.expect("pid"), GONE).await.is_empty());
+    launcher.shutdown().await;
+}
+
+#[tokio::test]
+async fn no_orphans_after_success_error_and_timeout() {
+    let launcher = Arc::new(ForkServerLauncher::new(fs_config()));
+    let exec = fork_executor(Arc::clone(&launcher));
+    // Each run leaves a grandchild in the kernel's process group.
+    let spawn = "import subprocess\np = subprocess.Popen(['sleep', '300'])";
+    let cases: Vec<(Vec<&str>, RunOptions)> = vec![
+        (vec![spawn, "print('ok')"], RunOptions::default()),
+        (vec![spawn, "1/0"], RunOptions::default()),
+        (
+            vec![spawn, "import time\ntime.sleep(300)"],
+            RunOptions {
+                cell_timeout: Some(Duration::from_secs(2)),
+                ..Default::default()
+            },
+        ),
+    ];
+    for (i, (cells, opts)) in cases.into_iter().enumerate() {
+        let (o, pid) = run_with(&exec, notebook(&cells), opts).await;
+        let pid = pid.expect("kernel started");
+        match i {
+            0 => assert!(o.error.is_none(), "{:?}", o.error),
+            1 => assert!(matches!(o.error, Some(RunError::Cell(_))), "{:?}", o.error),
+            _ => assert!(
+                matches!(o.error, Some(RunError::CellTimeout { .. })),
+                "{:?}",
+                o.error
+            ),
+        }
+        let left = wait_group_gone(pid, GONE).await;
+        assert!(left.is_empty(), "case {i}: survivors {left:?}");
+    }
+    assert_eq!(launcher.stats().forked, 3);
+    launcher.shutdown().await;
+}
+
+#[tokio::test]
+async fn server_sigkill_kills_its_kernels_then_restart_then_fallback() {
+    let mut cfg = fs_config();
+    cfg.max_restarts = 1;
+    let launcher = ForkServerLauncher::new(cfg);
+    let opts = launch_opts();
+    let bound = Duration::from_secs(120);
+
+    let k1 = tokio::time::timeout(bound, launcher.launch(&opts))
+        .await
+        .expect("bounded")
+        .expect("launch 1");
+    let s1 = launcher.server_pid().await.expect("server 1");
+    kill(Pid::from_raw(s1), Signal::SIGKILL).expect("kill server");
+    let exit = tokio::time::timeout(GONE, k1.process.exited())
+        .await
+        .expect("kernel death reported after the server was killed");
+    assert!(
+        matches!(exit, om_worker::kernel::KernelExit::Unknown(_)),
+        "{exit:?}"
+    );
+    assert!(wait_group_gone(k1.pid(), GONE).await.is_empty());
+    drop(k1);
+
+    // Restarted (1 restart allowed).
+    let k2 = tokio::time::timeout(bound, launcher.launch(&opts))
+        .await
+        .expect("bounded")
+        .expect("launch 2");
+    let s2 = launcher.server_pid().await.expect("server 2");
+    assert_ne!(s1, s2);
+    assert_eq!(ppid(k2.pid()), Some(s2));
+    assert_eq!(launcher.stats().server_starts, 2);
+    kill(Pid::from_raw(s2), Signal::SIGKILL).expect("kill server 2");
+    assert!(wait_group_gone(k2.pid(), GONE).await.is_empty());
+    k2.shutdown(Duration::ZERO).await;
+
+    // Budget spent: local kernels from now on.
+    let k3 = tokio::time::timeout(bound, launcher.launch(&opts))
+        .await
+        .expect("bounded")
+        .expect("launch 3 (local fallback)");
+    assert_eq!(ppid(k3.pid()), Some(std::process::id() as i32));
+    let stats = launcher.stats();
+    assert_eq!((stats.forked, stats.local, stats.server_starts), (2, 1, 2));
+    assert!(launcher.disabled_reason().await.is_some());
+    let pid3 = k3.pid();
+    k3.shutdown(Duration::from_secs(2)).await;
+    assert!(wait_group_gone(pid3, GONE).await.is_empty());
+}
+
+#[tokio::test]
+async fn server_that_cannot_start_falls_back_to_local_once() {
+    // A preload that kills the interpreter while importing: the server never gets ready.
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("om_crashy_mod.py"),
+        "import os\nos._exit(7)\n",
+    )
+    .expect("w");
+    let env = KernelEnv::inherit().with("PYTHONPATH", dir.path().display().to_string());
+    let mut cfg = fs_config();
+    cfg.preload = vec!["om_crashy_mod".into()];
+    cfg.env = env.clone();
+    let launcher = ForkServerLauncher::new(cfg);
+    let opts = LaunchOptions {
+        env,
+        ..launch_opts()
+    };
+    for _ in 0..2 {
+        let k = tokio::time::timeout(Duration::from_secs(120), launcher.launch(&opts))
+            .await
+            .expect("bounded")
+            .expect("local fallback launch");
+        assert_eq!(ppid(k.pid()), Some(std::process::id() as i32));
+        k.shutdown(Duration::from_secs(2)).await;
+    }
+    let stats = launcher.stats();
+    assert_eq!((stats.forked, stats.local, stats.server_starts), (0, 2, 1));
+    let why = launcher.disabled_reason().await.expect("disabled");
+    assert!(why.contains("unavailable"), "{why}");
+}
+
+#[tokio::test]
+async fn failing_preload_is_reported_not_fatal() {
+    let mut cfg = fs_config();
+    cfg.preload = vec!["json".into(), "om_no_such_module_xyz".into()];
+    let launcher = ForkServerLauncher::new(cfg);
+    let k = tokio::time::timeout(Duration::from_secs(120), launcher.launch(&launch_opts()))
+        .await
+        .expect("bounded")
+        .expect("launch");
+    assert_eq!(launcher.stats().forked, 1);
+    k.shutdown(Duration::from_secs(2)).await;
+    launcher.shutdown().await;
+}
+
+#[tokio::test]
+async fn requests_the_server_cannot_serve_faithfully_go_local() {
+    let launcher = ForkServerLauncher::new(fs_config());
+    // Another cwd than the server's: omegaml reads config.yml from the cwd at import time.
+    let other = tempfile::tempdir().expect("tempdir");
+    let opts = LaunchOptions {
+        cwd: Some(other.path().to_path_buf()),
+        ..LaunchOptions::default()
+    };
+    let k = tokio::time::timeout(Duration::from_secs(120), launcher.launch(&opts))
+        .await
+        .expect("bounded")
+        .expect("launch");
+    assert_eq!(ppid(k.pid()), Some(std::process::id() as i32));
+    k.shutdown(Duration::from_secs(2)).await;
+    // Another env: same.
+    let opts = LaunchOptions {
+        env: KernelEnv::inherit().with("OM_TEST_OTHER", "1"),
+        ..launch_opts()
+    };
+    let k = tokio::time::timeout(Duration::from_secs(120), launcher.launch(&opts))
+        .await
+        .expect("bounded")
+        .expect("launch");
+    k.shutdown(Duration::from_secs(2)).await;
+    let stats = launcher.stats();
+    assert_eq!((stats.forked, stats.local, stats.server_starts), (0, 2, 0));
+}
+
+/// The server script on its own: EOF on stdin (om-worker gone) ends the server and its
+/// kernels; a SIGKILLed server's kernels end by themselves (ipykernel's parent poller).
+#[tokio::test]
+async fn server_exit_takes_its_kernels_along() {
+    use std::io::{BufRead, BufReader, Write};
+    for how in ["eof", "sigkill"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = dir.path().join("om_forkserver.py");
+        std::fs::write(&script, om_worker::kernel::forkserver::FORKSERVER_SCRIPT).expect("w");
+        let mut server = std::process::Command::new(venv_python())
+            .arg(&script)
+            .arg("--no-default-preload")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn server");
+        let mut out = BufReader::new(server.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line).expect("ready line");
+        assert!(line.contains("\"ready\""), "{line}");
+        let cf = dir.path().join("k.json");
+        let key = "0123456789abcdef";
+        std::fs::write(
+            &cf,
+            serde_json::json!({"transport": "ipc", "ip": dir.path().join("k").display().to_string(),
+                "shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5,
+                "key": key, "signature_scheme": "hmac-sha256", "kernel_name": "python3"})
+            .to_string(),
+        )
+        .expect("cf");
+        let mut stdin = server.stdin.take().expect("stdin");
+        let req = serde_json::json!({"op": "fork", "id": 1,
+            "argv": ["-f", cf.display().to_string(), "--HistoryManager.hist_file=:memory:"],
+            "env": std::env::vars().collect::<std::collections::BTreeMap<_, _>>(), "cwd": null});
+        writeln!(stdin, "{req}").expect("send");
+        line.clear();
+        out.read_line(&mut line).expect("forked line");
+        let reply: serde_json::Value = serde_json::from_str(&line).expect("json");
+        let pid = reply["pid"].as_i64().expect("pid") as i32;
+        // Wait until the kernel is up (its shell socket exists).
+        let end = Instant::now() + Duration::from_secs(60);
+        while !dir.path().join("k-1").exists() && Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!group_members(pid).is_empty(), "{how}: kernel running");
+        match how {
+            "eof" => drop(stdin),
+            _ => {
+                server.kill().expect("kill");
+                drop(stdin);
+            }
+        }
+        let left = wait_group_gone(pid, GONE).await;
+        assert!(
+            left.is_empty(),
+            "{how}: kernel survived its server: {left:?}"
+        );
+        let _ = server.wait();
+    }
+}
