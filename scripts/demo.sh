@@ -8,6 +8,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
+bash scripts/services.sh
 bash scripts/setup-venv.sh
 bash scripts/secantus.sh start --port 27117
 cargo build --release --locked

@@ -1,12 +1,11 @@
 """Helpers for test_faults.py: broker/database outages, process inspection, client scripts.
 
-Everything here acts only on what the tests start (their own om-worker, SecantusDB, kernels), except
-the two shared services the fault tests must restart: RabbitMQ (`rabbitmqctl stop_app/start_app`) and
-Redis (`SHUTDOWN NOSAVE`, then the same command line it runs with). Both are always restored.
+Everything here acts only on what the tests start (their own om-worker, SecantusDB, kernels, a TCP
+relay in front of Redis), except RabbitMQ's application, which the RabbitMQ test stops and starts
+(`rabbitmqctl stop_app/start_app`: the node process keeps running) and always restores.
 """
 import json
 import os
-import shutil
 import signal
 import subprocess
 import textwrap
@@ -218,9 +217,6 @@ def rabbit_restore(amqp_url, timeout=90):
 # Redis
 # ---------------------------------------------------------------------------------------------
 
-REDIS_KEEP = ("daemonize", "bind", "port", "save", "appendonly", "dir", "logfile")
-
-
 def redis_conn(url, timeout=2):
     import redis as _redis
     return _redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
@@ -233,52 +229,108 @@ def redis_answers(url):
         return False
 
 
-def redis_server_argv(url):
-    """The command line the running redis-server was started with. Redis rewrites its own
-    /proc/<pid>/cmdline to `redis-server 127.0.0.1:6379`, so the settings are read back with
-    CONFIG GET (every one that the command line can set and that matters for a restart)."""
-    r = redis_conn(url)
-    info = r.info("server")
-    if info.get("config_file"):
-        fail(f"redis-server runs from a config file ({info['config_file']}); this test only knows how to "
-             "restart a server configured on its command line")
-    exe = shutil.which("redis-server")
-    if exe is None:
-        fail("redis-server is not on PATH: cannot restart Redis")
-    argv = [exe]
-    for key in REDIS_KEEP:
-        val = r.config_get(key).get(key)
-        if val is None:
-            continue
-        argv += [f"--{key}", *(val.split() if key == "bind" else [val])]
-    if ["--daemonize", "yes"] != argv[1:3]:
-        fail(f"redis-server is not daemonized ({argv}); restarting it would tie it to this test")
-    return argv, int(info["process_id"])
+class TcpOutage:
+    """A TCP relay owned by the test, in front of a shared server (here: the machine's Redis).
 
+    om-worker connects through it; `cut()` closes every relayed connection and stops listening (new
+    connections are refused), `restore()` listens on the same port again. To om-worker this is the
+    server going away and coming back, with the data kept, as in a network partition or a failover.
+    Why not restart the real server: it is shared (CI uses it as the session leaves it), and a server
+    restarted from inside a test would belong to that test's process tree."""
 
-def redis_start(argv, url, timeout=30):
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-    if p.returncode != 0:
-        fail(f"restarting Redis failed: {argv} rc {p.returncode}: {p.stdout}{p.stderr}")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if redis_answers(url):
-            return
-        time.sleep(0.1)
-    fail(f"Redis did not answer PING within {timeout}s after {argv}")
+    def __init__(self, upstream_host, upstream_port):
+        import socket
+        self.upstream = (upstream_host, upstream_port)
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self._lock = threading.Lock()
+        self._conns = set()
+        self._listener = None
+        self._accepting = None
 
+    def url(self, scheme="redis", path="/0"):
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
 
-def redis_shutdown(url, pid, timeout=20):
-    try:
-        redis_conn(url).execute_command("SHUTDOWN", "NOSAVE")
-    except Exception:
-        pass  # the server closes the connection while shutting down
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if gone(pid) and not redis_answers(url):
-            return
-        time.sleep(0.05)
-    fail(f"redis-server pid {pid} still running {timeout}s after SHUTDOWN NOSAVE")
+    def restore(self):
+        import socket
+        with self._lock:
+            if self._listener is not None:
+                return
+            ls = socket.socket()
+            ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            ls.bind(("127.0.0.1", self.port))
+            ls.listen(64)
+            self._listener = ls
+            self._accepting = threading.Thread(target=self._accept, args=(ls,), daemon=True)
+            self._accepting.start()
+        return self
+
+    start = restore
+
+    def cut(self):
+        import socket
+        with self._lock:
+            ls, self._listener = self._listener, None
+            conns, self._conns = self._conns, set()
+        if ls is not None:
+            try:
+                ls.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            ls.close()
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+        if self._accepting is not None:
+            self._accepting.join(timeout=5)
+
+    close = cut
+
+    def _accept(self, ls):
+        import socket
+        while True:
+            try:
+                down, _ = ls.accept()
+            except OSError:
+                return  # cut()
+            try:
+                up = socket.create_connection(self.upstream, timeout=5)
+                up.settimeout(None)
+            except OSError:
+                down.close()
+                continue
+            with self._lock:
+                if self._listener is not ls:  # cut() raced with this accept
+                    down.close()
+                    up.close()
+                    return
+                self._conns.update((down, up))
+            for src, dst in ((down, up), (up, down)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src, dst):
+        import socket
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        with self._lock:
+            self._conns.discard(src)
+            self._conns.discard(dst)
 
 
 # ---------------------------------------------------------------------------------------------
