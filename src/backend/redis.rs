@@ -8,7 +8,8 @@
 //! are one Lua script, so they are atomic.
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use std::time::Duration;
 
 use super::{BackendError, ReplyTarget, ResultBackend, Serializer};
 use crate::protocol::ResultMeta;
@@ -51,7 +52,9 @@ impl RedisBackend {
             url: crate::config::mask_url(url),
             reason: e.to_string(),
         })?;
-        let conn = ConnectionManager::new(client).await.map_err(io)?;
+        let conn = ConnectionManager::new_with_config(client, manager_config())
+            .await
+            .map_err(io)?;
         Ok(RedisBackend {
             conn,
             expires: expires.max(1),
@@ -64,6 +67,20 @@ impl RedisBackend {
     pub fn key(task_id: &str) -> String {
         format!("celery-task-meta-{task_id}")
     }
+}
+
+/// Bounded reconnects: redis-rs' defaults (6 retries with exponential backoff,
+/// 1 s connect timeout) let a refused port take over 10 s to report under load,
+/// which made `om-worker check` and start-up slow to say what is wrong; its
+/// 500 ms response timeout is too short for a multi-MiB result on a busy
+/// server. The worker's own retry loop handles longer outages.
+fn manager_config() -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_number_of_retries(2)
+        .set_min_delay(Duration::from_millis(100))
+        .set_max_delay(Duration::from_secs(1))
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(30)))
 }
 
 #[async_trait]

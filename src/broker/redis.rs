@@ -968,8 +968,17 @@ impl Acker for PoppedAcker {
         Ok(())
     }
 
-    async fn reject(&self, _requeue: bool) -> Result<(), BrokerError> {
+    /// The element is gone from Redis and cannot be read, so it cannot be put
+    /// back: `requeue` is refused loudly rather than reported as done.
+    async fn reject(&self, requeue: bool) -> Result<(), BrokerError> {
         drop(self.0.lock().map(|mut p| p.take()));
+        if requeue {
+            return Err(BrokerError::Operation(
+                "cannot requeue an unreadable Redis element: it was popped and never recorded \
+                 in unacked"
+                    .to_owned(),
+            ));
+        }
         Ok(())
     }
 }

@@ -14,12 +14,23 @@ from conftest import VENV, omega_celery_conf, wait_until, worker_env
 CELERY = str(VENV / "bin" / "celery")
 
 
-def celery_cli(tmp_path, broker, mongo, *args, timeout=60):
-    """`celery --app omegaml.celeryapp <args>` with OMEGA_BROKER pointing at the test broker."""
+def celery_cli(tmp_path, broker, mongo, *commands, timeout=60):
+    """Runs each `celery --app omegaml.celeryapp <args>` (one tuple of args per command) with
+    OMEGA_BROKER pointing at the test broker, all at once: each CLI process spends seconds
+    importing omegaml, which is what this would otherwise wait for. Returns [(rc, output)]."""
     env = worker_env(tmp_path, broker.url, "rpc://", mongo, {"PYTHONUNBUFFERED": "1"})
-    proc = subprocess.run([CELERY, "--app", "omegaml.celeryapp", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    return proc.returncode, proc.stdout + proc.stderr
+    procs = [subprocess.Popen([CELERY, "--app", "omegaml.celeryapp", *args], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for args in commands]
+    results = []
+    for args, proc in zip(commands, procs):
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+            pytest.fail(f"celery {' '.join(args)} ran past {timeout}s:\n{out}", pytrace=False)
+        results.append((proc.returncode, out))
+    return results
 
 
 def inspect(app, node, method, timeout=10, **kw):
@@ -52,15 +63,23 @@ def test_celery_cli_inspect_and_status(broker, worker, q, mongo, tmp_path):
     """`celery inspect ping|active_queues|stats|registered` and `celery status` list om-worker."""
     w = worker(broker.url, [q], concurrency=2)
     node = w.nodename
-    rc, out = celery_cli(tmp_path, broker, mongo, "inspect", "ping", "-d", node, "--timeout", "10")
+    ping, queues, stats, registered, status = celery_cli(
+        tmp_path, broker, mongo,
+        ("inspect", "ping", "-d", node, "--timeout", "10"),
+        ("inspect", "active_queues", "-d", node, "--timeout", "10"),
+        ("inspect", "stats", "-d", node, "--timeout", "10"),
+        ("inspect", "registered", "-d", node, "--timeout", "10"),
+        # `status` asks every node and so always waits its whole timeout
+        ("status", "--timeout", "5"))
+    rc, out = ping
     assert rc == 0 and f"{node}: OK" in out and "pong" in out, out
-    rc, out = celery_cli(tmp_path, broker, mongo, "inspect", "active_queues", "-d", node, "--timeout", "10")
+    rc, out = queues
     assert rc == 0 and f"'name': '{q}'" in out and "'type': 'direct'" in out, out
-    rc, out = celery_cli(tmp_path, broker, mongo, "inspect", "stats", "-d", node, "--timeout", "10")
+    rc, out = stats
     assert rc == 0 and '"max-concurrency": 2' in out and '"processes"' in out and '"uptime"' in out, out
-    rc, out = celery_cli(tmp_path, broker, mongo, "inspect", "registered", "-d", node, "--timeout", "10")
+    rc, out = registered
     assert rc == 0 and "omegaml.tasks.omega_ping" in out, out
-    rc, out = celery_cli(tmp_path, broker, mongo, "status", "--timeout", "10")
+    rc, out = status
     assert rc == 0 and f"{node}: OK" in out, out
 
 
