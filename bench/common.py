@@ -2,6 +2,7 @@
 
 Process handling (/proc sampling, starting/stopping workers and SecantusDB) and broker cleanup.
 Only the standard library is needed here, except the broker cleanup (kombu, redis from the venv).
+Broker cleanup and process stopping come from tests/interop/brokers.py and procs.py.
 """
 import json
 import os
@@ -9,12 +10,18 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# plain-Python helpers shared with the interop tests (no pytest, not conftest)
+sys.path.insert(0, str(ROOT / "tests" / "interop"))
+import brokers  # noqa: E402
+import procs  # noqa: E402
+
 VENV = Path(os.environ.get("OM_VENV", ROOT / ".venv"))
 VENV_PY = VENV / "bin" / "python"
 OM_WORKER_BIN = Path(os.environ.get("OM_WORKER_BIN", ROOT / "target" / "release" / "om-worker"))
@@ -25,7 +32,6 @@ HOSTNAME = socket.gethostname()
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 _SCRUB_ENV = ("OMEGA_", "CELERY_", "RABBITMQ_URL", "MONGO_URL", "C_FORCE_ROOT", "OM_WORKER_")
-REDIS_SEP = "\x06\x16"
 
 
 class BenchError(RuntimeError):
@@ -334,20 +340,8 @@ class Worker:
 
     def stop(self, grace=30):
         """SIGTERM (warm shutdown), SIGKILL after `grace`. Returns the exit status."""
-        if self.proc.poll() is None:
-            try:
-                os.kill(self.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                log(f"{self.impl} worker pid {self.pid} ignored SIGTERM for {grace}s; SIGKILL")
-                try:
-                    os.kill(self.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(timeout=30)
+        procs.stop_process(self.proc, grace, on_kill=lambda: log(
+            f"{self.impl} worker pid {self.pid} ignored SIGTERM for {grace}s; SIGKILL"))
         try:
             self._logf.close()
         except Exception:
@@ -435,35 +429,4 @@ def log_errors(log_text, limit=10):
 
 def cleanup_queues(kind, names):
     """Delete the bench's task queues (and their exchanges) and kombu bookkeeping for them."""
-    names = [n for n in names if n]
-    if not names:
-        return
-    if kind == "amqp":
-        from kombu import Connection
-        with Connection(AMQP_URL, connect_timeout=5) as c:
-            for n in names:
-                for op in ("queue_delete", "exchange_delete"):
-                    ch = c.channel()
-                    try:
-                        getattr(ch, op)(n)
-                    except Exception:
-                        pass
-                    finally:
-                        try:
-                            ch.close()
-                        except Exception:
-                            pass
-    else:
-        import redis
-        r = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5)
-        for n in names:
-            keys = [n] + [f"{n}{REDIS_SEP}{p}" for p in (3, 6, 9)]
-            r.delete(*keys, f"_kombu.binding.{n}", f"_kombu.binding_permanent.{n}")
-            r.zrem("_kombu.binding_deadlines", n)
-        wanted = tuple((REDIS_SEP + n).encode() for n in names)
-        for key in r.scan_iter("_kombu.binding*"):
-            if r.type(key) != b"set":
-                continue
-            for m in r.smembers(key):
-                if m.endswith(wanted):
-                    r.srem(key, m)
+    brokers.delete_queues(kind, AMQP_URL if kind == "amqp" else REDIS_URL, names)

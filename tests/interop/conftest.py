@@ -38,6 +38,9 @@ from pathlib import Path
 
 import pytest
 
+import brokers
+import procs
+
 ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("OM_VENV", ROOT / ".venv"))
 VENV_PY = VENV / "bin" / "python"
@@ -208,9 +211,6 @@ def redis_client():
     return _redis.Redis.from_url(REDIS_URL)
 
 
-REDIS_SEP = "\x06\x16"
-
-
 class Broker:
     def __init__(self, kind):
         self.kind = kind
@@ -236,21 +236,12 @@ class Broker:
 
     @staticmethod
     def _redis_queue_keys(queue):
-        return [queue] + [f"{queue}{REDIS_SEP}{p}" for p in (3, 6, 9)]
+        return brokers.redis_queue_keys(queue)
 
     @staticmethod
     def redis_unacked(queue):
         """delivery tags in kombu's `unacked` hash whose routing key is `queue`."""
-        r = redis_client()
-        tags = []
-        for tag, raw in r.hscan_iter("unacked"):
-            try:
-                envelope, exchange, routing_key = json.loads(raw)
-            except Exception:
-                continue
-            if routing_key == queue:
-                tags.append(tag)
-        return tags
+        return brokers.redis_unacked(redis_client(), queue)
 
     def amqp_queue_row(self, queue):
         """The tab-separated `rabbitmqctl list_queues name durable auto_delete arguments` row, or None."""
@@ -275,37 +266,7 @@ class Broker:
 
     # -- cleanup ---------------------------------------------------------------------------
     def cleanup(self, names, task_ids):
-        if self.kind == "amqp":
-            from kombu import Connection
-            with Connection(AMQP_URL) as c:
-                for n in names:
-                    for op in ("queue_delete", "exchange_delete"):
-                        ch = c.channel()
-                        try:
-                            getattr(ch, op)(n)
-                        except Exception:
-                            pass
-                        finally:
-                            try:
-                                ch.close()
-                            except Exception:
-                                pass
-        else:
-            r = redis_client()
-            for n in names:
-                r.delete(*self._redis_queue_keys(n), f"_kombu.binding.{n}", f"_kombu.binding_permanent.{n}")
-                r.zrem("_kombu.binding_deadlines", n)
-                tags = self.redis_unacked(n)
-                if tags:
-                    r.hdel("unacked", *tags)
-                    r.zrem("unacked_index", *tags)
-            # binding members that point at our queues, e.g. the rpc reply queue bound elsewhere
-            for key in r.scan_iter("_kombu.binding*"):
-                if r.type(key) != b"set":
-                    continue
-                for m in r.smembers(key):
-                    if any(m.endswith((REDIS_SEP + n).encode()) for n in names):
-                        r.srem(key, m)
+        brokers.delete_queues(self.kind, self.url, names, drop_unacked=True)
         r = redis_client()
         if task_ids:
             r.delete(*[f"celery-task-meta-{t}" for t in task_ids])
@@ -505,16 +466,8 @@ class WorkerProc:
 
     def terminate(self, grace=STOP_GRACE):
         """SIGTERM (warm shutdown), SIGKILL after `grace` seconds; only this PID. Returns the exit code."""
-        if self.proc.poll() is None:
-            try:
-                os.kill(self.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                warnings.warn(f"om-worker pid {self.pid} ignored SIGTERM for {grace}s; sending SIGKILL")
-                self.kill()
+        procs.stop_process(self.proc, grace, on_kill=lambda: warnings.warn(
+            f"om-worker pid {self.pid} ignored SIGTERM for {grace}s; sending SIGKILL"))
         self.returncode = self.proc.wait()
         self._logf.close()
         return self.returncode

@@ -497,49 +497,21 @@ def _(ctx):
 # 3. JSON bodies
 # ------------------------------------------------------------------------------------------------
 
-@case("json_nested_100k", "FAILURE", DECODE, "recursion limit")
-def _(ctx):
-    return Publish(b"[" * 100_000 + b"]" * 100_000, JSON_CT, "utf-8")
+def json_case(name, exc, msg, body):
+    """A FAILURE case publishing the fixed `body` as application/json (utf-8)."""
+    case(name, "FAILURE", exc, msg)(lambda ctx: Publish(body, JSON_CT, "utf-8"))
 
 
-@case("json_nested_200_in_args", "FAILURE", DECODE, "recursion limit")
-def _(ctx):
-    return Publish(b"[[" + b"[" * 200 + b"]" * 200 + b"], {}, {}]", JSON_CT, "utf-8")
-
-
-@case("json_non_utf8_bytes", "FAILURE", DECODE, "cannot decode JSON body")
-def _(ctx):
-    return Publish(b'[["\xff\xfe\xc3("], {}, {}]', JSON_CT, "utf-8")
-
-
-@case("json_truncated", "FAILURE", DECODE, "cannot decode JSON body")
-def _(ctx):
-    return Publish(jv2()[:-5], JSON_CT, "utf-8")
-
-
-@case("json_unknown_type_wrapper", "FAILURE", DECODE, "cannot decode JSON body")
-def _(ctx):
-    return Publish(b'[[{"__type__": "os.system", "__value__": "touch x"}], {}, {}]', JSON_CT, "utf-8")
-
-
-@case("json_body_four_elements", "FAILURE", INVALID, "3 elements")
-def _(ctx):
-    return Publish(b"[[], {}, {}, 4]", JSON_CT, "utf-8")
-
-
-@case("json_kwargs_not_dict", "FAILURE", INVALID, "kwargs")
-def _(ctx):
-    return Publish(b"[[], [1], {}]", JSON_CT, "utf-8")
-
-
-@case("json_embed_is_string", "FAILURE", INVALID, "embed")
-def _(ctx):
-    return Publish(b'[[], {}, "chain"]', JSON_CT, "utf-8")
-
-
-@case("json_hybrid_dict_without_args", "FAILURE", INVALID, "without 'args'")
-def _(ctx):
-    return Publish(b'{"kwargs": {}}', JSON_CT, "utf-8")
+json_case("json_nested_100k", DECODE, "recursion limit", b"[" * 100_000 + b"]" * 100_000)
+json_case("json_nested_200_in_args", DECODE, "recursion limit", b"[[" + b"[" * 200 + b"]" * 200 + b"], {}, {}]")
+json_case("json_non_utf8_bytes", DECODE, "cannot decode JSON body", b'[["\xff\xfe\xc3("], {}, {}]')
+json_case("json_truncated", DECODE, "cannot decode JSON body", jv2()[:-5])
+json_case("json_unknown_type_wrapper", DECODE, "cannot decode JSON body",
+          b'[[{"__type__": "os.system", "__value__": "touch x"}], {}, {}]')
+json_case("json_body_four_elements", INVALID, "3 elements", b"[[], {}, {}, 4]")
+json_case("json_kwargs_not_dict", INVALID, "kwargs", b"[[], [1], {}]")
+json_case("json_embed_is_string", INVALID, "embed", b'[[], {}, "chain"]')
+json_case("json_hybrid_dict_without_args", INVALID, "without 'args'", b'{"kwargs": {}}')
 
 
 @case("pickle_kwargs_int_keys", "FAILURE", INVALID, "str keys")
@@ -552,9 +524,7 @@ def _(ctx):
     return Publish(jv2())
 
 
-@case("json_content_type_pickle_body", "FAILURE", DECODE, "cannot decode JSON body")
-def _(ctx):
-    return Publish(v2(), JSON_CT, "utf-8")
+json_case("json_content_type_pickle_body", DECODE, "cannot decode JSON body", v2())
 
 
 # ------------------------------------------------------------------------------------------------
