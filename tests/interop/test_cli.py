@@ -6,6 +6,9 @@ import pytest
 
 from conftest import AMQP_URL, IMPL, REDIS_BACKEND_URL, REDIS_URL, VENV_PY, free_port, worker_env
 
+# This module runs no notebook: its workers pre-start no kernels (see conftest's `worker`).
+WORKER_KERNELS = False
+
 pytestmark = pytest.mark.skipif(IMPL == "python", reason="OMW_WORKER_IMPL=python self-check: om-worker CLI only")
 
 

@@ -11,6 +11,9 @@ import pytest
 
 from conftest import VENV, omega_celery_conf, wait_until, worker_env
 
+# This module runs no notebook: its workers pre-start no kernels (see conftest's `worker`).
+WORKER_KERNELS = False
+
 CELERY = str(VENV / "bin" / "celery")
 
 

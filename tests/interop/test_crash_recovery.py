@@ -9,6 +9,9 @@ import time
 
 from conftest import wait_until
 
+# This module runs no notebook: its workers pre-start no kernels (see conftest's `worker`).
+WORKER_KERNELS = False
+
 N = 5
 
 

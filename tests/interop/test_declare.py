@@ -6,6 +6,9 @@ routing key Q. Whichever side declares first, the other side's declaration must 
 """
 from conftest import wait_until
 
+# This module runs no notebook: its workers pre-start no kernels (see conftest's `worker`).
+WORKER_KERNELS = False
+
 QUEUE_ROW = "{q}\ttrue\tfalse\t[]"  # rabbitmqctl list_queues name durable auto_delete arguments
 
 

@@ -10,6 +10,9 @@ import pytest
 
 from conftest import wait_until
 
+# This module runs no notebook: its workers pre-start no kernels (see conftest's `worker`).
+WORKER_KERNELS = False
+
 
 @pytest.mark.parametrize("backend", ["redis://127.0.0.1:6379/0"], ids=["be-redis"])
 def test_held_eta_messages_do_not_starve_the_worker(broker, backend, worker, client_factory, q, check_ping):

@@ -15,6 +15,9 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 
 from conftest import wait_until
 
+# This module runs no notebook: its workers pre-start no kernels (see conftest's `worker`).
+WORKER_KERNELS = False
+
 EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 PICKLE = ("application/x-python-serialize", "binary")
 

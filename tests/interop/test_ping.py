@@ -8,6 +8,9 @@ from celery.exceptions import NotRegistered
 
 from conftest import HOSTNAME, PING_TASK, omega_celery_conf, redis_client, wait_until
 
+# This module runs no notebook: its workers pre-start no kernels (see conftest's `worker`).
+WORKER_KERNELS = False
+
 
 def _decode_meta(raw):
     # the worker may encode results as JSON (accepted by the client) or pickle (omega|ml's result_serializer)
