@@ -24,28 +24,33 @@ wait_port() { # name port seconds
   return 1
 }
 
-ensure_redis() {
-  port_open 127.0.0.1 6379 && { echo "services.sh: Redis reachable on 127.0.0.1:6379"; return 0; }
-  if ! command -v redis-server >/dev/null; then
-    echo "services.sh: Redis is not reachable on 127.0.0.1:6379 and redis-server is not installed" >&2
+# needs_start NAME PORT SERVER-BINARY: 1 (nothing to do) when the port answers, 0 when the server
+# is installed and must be started, exit 1 when it is neither reachable nor installed.
+needs_start() {
+  if port_open 127.0.0.1 "$2"; then
+    echo "services.sh: $1 reachable on 127.0.0.1:$2"
     return 1
   fi
-  echo "services.sh: Redis is not reachable on 127.0.0.1:6379; starting redis-server (nothing kept on disk)"
+  if ! command -v "$3" >/dev/null; then
+    echo "services.sh: $1 is not reachable on 127.0.0.1:$2 and $3 is not installed" >&2
+    exit 1
+  fi
+  echo "services.sh: $1 is not reachable on 127.0.0.1:$2; starting it"
+}
+
+ensure_redis() {
+  needs_start Redis 6379 redis-server || return 0
   local dir=/var/lib/redis logdir=/var/log/redis
   [ -w "$dir" ] || dir="${TMPDIR:-/tmp}"
   [ -w "$logdir" ] || logdir="${TMPDIR:-/tmp}"
+  # The machine's own service command line; Redis keeps nothing on disk.
   redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
     --dir "$dir" --logfile "$logdir/ci.log"
   wait_port Redis 6379 20
 }
 
 ensure_rabbitmq() {
-  port_open 127.0.0.1 5672 && { echo "services.sh: RabbitMQ reachable on 127.0.0.1:5672"; return 0; }
-  if ! command -v rabbitmq-server >/dev/null; then
-    echo "services.sh: RabbitMQ is not reachable on 127.0.0.1:5672 and rabbitmq-server is not installed" >&2
-    return 1
-  fi
-  echo "services.sh: RabbitMQ is not reachable on 127.0.0.1:5672; starting rabbitmq-server -detached"
+  needs_start RabbitMQ 5672 rabbitmq-server || return 0
   if command -v rabbitmqctl >/dev/null && timeout 20 rabbitmqctl -q status >/dev/null 2>&1; then
     # The node runs but its application was stopped (rabbitmqctl stop_app).
     timeout 60 rabbitmqctl -q start_app
