@@ -281,9 +281,15 @@ pub async fn sweep_forever(
     loop {
         let settled = reachable_since.is_some_and(|t| t.elapsed() >= ledger.lease);
         let swept = if settled {
+            // Not cancelled midway: a claim followed by a publish should finish together.
             sweep_once(&ledger, broker.as_ref()).await
         } else {
-            ledger.probe().await
+            // A read-only probe: dropped at shutdown rather than holding the worker's exit
+            // for a whole server-selection timeout while MongoDB is away.
+            tokio::select! {
+                r = ledger.probe() => r,
+                _ = stop.cancelled() => return,
+            }
         };
         match swept {
             Ok(()) => {

@@ -146,6 +146,13 @@ def test_ping_mongodb_backend(broker, worker, client_factory, q, mongo, check_pi
     """
     import datetime
     import pymongo
+    db = pymongo.MongoClient(mongo, socketTimeoutMS=30000, serverSelectionTimeoutMS=10000).get_default_database()
+    # Celery's MongoBackend creates its `date_done` index on first use while om-worker's first result
+    # insert creates the collection implicitly: SecantusDB 0.7.0b3 can deadlock on two concurrent
+    # creations of one collection (seen twice in clean-clone CI runs: its server hung in
+    # create_collection, every later test timed out). Real MongoDB handles it; here it is created
+    # up front, as a deployment's first start would have done long before.
+    db.celery_taskmeta.create_index("date_done", background=True)
     w = worker(broker.url, [q], backend=mongo)
     client = client_factory(broker.url, mongo)
     # bounded client-side MongoDB calls, so a stuck server fails the test instead of hanging it
@@ -153,7 +160,6 @@ def test_ping_mongodb_backend(broker, worker, client_factory, q, mongo, check_pi
                                                             "serverSelectionTimeoutMS": 10000}}
     res = client.ping(q)
     check_ping(res.get(timeout=30), w.nodename)
-    db = pymongo.MongoClient(mongo, socketTimeoutMS=30000, serverSelectionTimeoutMS=10000).get_default_database()
     doc = db.celery_taskmeta.find_one({"_id": res.id})
     assert doc is not None, f"no celery_taskmeta document for {res.id} in {db.name}"
     assert doc["status"] == "SUCCESS" and isinstance(doc["result"], bytes), doc
