@@ -2,7 +2,7 @@
 
 1. The documented parallel-jobs workflow: a notebook `main` that reads its
    parameter from the generated `_jobdata` and stores a result with
-   `om.datasets.put`; `job.map(range(10))`; `job.status()` polled until every
+   `om.datasets.put` (one dataset per task); `job.map(range(10))`; `job.status()` polled until every
    task is SUCCESS/OK; the results notebooks listed; the stored values checked.
 2. `om.runtime.ping()`: omega|ml's own liveness task through the broker.
 
@@ -28,12 +28,13 @@ def main() -> int:
     for name in om.jobs.list("tasks/main/*") + om.jobs.list("results/tasks/main/*"):
         om.jobs.drop(name, force=True)
     om.jobs.drop("main", force=True)
-    om.datasets.drop("seed-results", force=True)
+    for name in om.datasets.list("seed-results/*"):
+        om.datasets.drop(name, force=True)
     nb = nbformat.v4.new_notebook()
     nb.cells.append(nbformat.v4.new_code_cell(
         "import omegaml as om\n"
         "param = _jobdata['param']\n"
-        "om.datasets.put({'param': param, 'square': param * param}, 'seed-results')\n"
+        "om.datasets.put({'param': param, 'square': param * param}, 'seed-results/%d' % param)\n"
         "print('param', param)"
     ))
     om.jobs.put(nb, "main")
@@ -60,7 +61,11 @@ def main() -> int:
     print(f"seed: all {N} tasks SUCCESS/OK; map() -> last SUCCESS in {makespan:.2f}s")
 
     results = [r for name in status["name"] for r in om.jobs.list(f"results/{name}*")]
-    values = sorted(d["square"] for d in om.datasets.get("seed-results"))
+    # One dataset per task: notebooks that create the same dataset at the same moment race inside
+    # omega|ml's client (one put makes it python.data, the other pandas.rawdict, and get() then
+    # returns a half-empty DataFrame), with any worker that runs tasks concurrently.
+    values = sorted(d["square"] for name in sorted(om.datasets.list("seed-results/*"))
+                    for d in om.datasets.get(name))
     print(f"seed: {len(results)} results notebooks, squares stored by the notebooks: {values}")
     if len(results) < N or values != sorted(i * i for i in range(N)):
         print("seed: results do not match", file=sys.stderr)
