@@ -10,6 +10,9 @@ cd "$root"
 
 bash scripts/services.sh
 bash scripts/setup-venv.sh
+# SecantusDB is stopped at the end only if this run started it (its data stays in .run/).
+sec_was_running=0
+bash scripts/secantus.sh status --port 27117 >/dev/null 2>&1 && sec_was_running=1
 bash scripts/secantus.sh start --port 27117
 cargo build --release --locked
 
@@ -24,10 +27,17 @@ export OM_WORKER_PYTHON="$root/.venv/bin/python"
 mkdir -p "$OMEGA_TMP" .run
 
 log="$root/.run/demo-worker.log"
-./target/release/om-worker worker -n "demo@%h" -c 2 >"$log" 2>&1 &
+./target/release/om-worker worker -n "demo@%h" -c 2 -Q default,gpu >"$log" 2>&1 &
 worker=$!
-stop_worker() { kill -TERM "$worker" 2>/dev/null && wait "$worker" 2>/dev/null || true; }
-trap stop_worker EXIT
+stop_all() {
+  kill -TERM "$worker" 2>/dev/null && wait "$worker" 2>/dev/null || true
+  if [ "$sec_was_running" = 0 ]; then
+    bash scripts/secantus.sh stop --port 27117 >/dev/null 2>&1 || true
+    echo "demo: stopped the SecantusDB it started; its data stays in .run/secantus-27117" \
+      "(scripts/secantus.sh start --port 27117 to look at the results again)"
+  fi
+}
+trap stop_all EXIT
 
 for _ in $(seq 1 150); do
   grep -q "ready: consuming" "$log" && break
