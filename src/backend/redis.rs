@@ -73,14 +73,16 @@ impl RedisBackend {
 /// 1 s connect timeout) let a refused port take over 10 s to report under load,
 /// which made `om-worker check` and start-up slow to say what is wrong; its
 /// 500 ms response timeout is too short for a multi-MiB result on a busy
-/// server. The worker's own retry loop handles longer outages.
+/// server. The response timeout stays below the worker's per-attempt limit
+/// (15 s, `worker::store`, which also retries a failed store a few times), so
+/// the driver's own error is what gets logged.
 fn manager_config() -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
         .set_number_of_retries(2)
         .set_min_delay(Duration::from_millis(100))
         .set_max_delay(Duration::from_secs(1))
         .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_response_timeout(Some(Duration::from_secs(30)))
+        .set_response_timeout(Some(Duration::from_secs(10)))
 }
 
 #[async_trait]

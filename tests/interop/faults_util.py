@@ -7,6 +7,7 @@ relay in front of Redis), except RabbitMQ's application, which the RabbitMQ test
 import json
 import os
 import signal
+import socket
 import subprocess
 import textwrap
 import threading
@@ -239,12 +240,8 @@ class TcpOutage:
     restarted from inside a test would belong to that test's process tree."""
 
     def __init__(self, upstream_host, upstream_port):
-        import socket
         self.upstream = (upstream_host, upstream_port)
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        self.port = probe.getsockname()[1]
-        probe.close()
+        self.port = None  # picked by the first start(), kept by every restore()
         self._lock = threading.Lock()
         self._conns = set()
         self._listener = None
@@ -254,13 +251,13 @@ class TcpOutage:
         return f"{scheme}://127.0.0.1:{self.port}{path}"
 
     def restore(self):
-        import socket
         with self._lock:
             if self._listener is not None:
-                return
+                return self
             ls = socket.socket()
             ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            ls.bind(("127.0.0.1", self.port))
+            ls.bind(("127.0.0.1", self.port or 0))
+            self.port = ls.getsockname()[1]
             ls.listen(64)
             self._listener = ls
             self._accepting = threading.Thread(target=self._accept, args=(ls,), daemon=True)
@@ -270,7 +267,6 @@ class TcpOutage:
     start = restore
 
     def cut(self):
-        import socket
         with self._lock:
             ls, self._listener = self._listener, None
             conns, self._conns = self._conns, set()
@@ -292,7 +288,6 @@ class TcpOutage:
     close = cut
 
     def _accept(self, ls):
-        import socket
         while True:
             try:
                 down, _ = ls.accept()
@@ -314,7 +309,6 @@ class TcpOutage:
                 threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
 
     def _pump(self, src, dst):
-        import socket
         try:
             while True:
                 data = src.recv(65536)
@@ -394,7 +388,6 @@ class FirstSuccess:
 
 
 def tcp_open(host, port):
-    import socket
     try:
         with socket.create_connection((host, port), timeout=0.5):
             return True

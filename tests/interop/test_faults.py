@@ -29,6 +29,7 @@ import os
 import re
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pymongo
 import pytest
@@ -239,7 +240,8 @@ def test_rabbitmq_restart_mid_run_loses_nothing(worker, mongo, names, tmp_path):
 
 @pytest.fixture
 def redis_relay():
-    relay = fu.TcpOutage("127.0.0.1", int(REDIS_URL.split(":")[2].split("/")[0])).start()
+    u = urlsplit(REDIS_URL)
+    relay = fu.TcpOutage(u.hostname, u.port or 6379).start()
     try:
         yield relay
     finally:
