@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::cli::{LogFormat, WorkerFlags};
+use crate::redact::mask_url;
 
 /// omega|ml's default broker (`omegaml/defaults.py`).
 pub const DEFAULT_BROKER: &str = "amqp://admin:foobar@localhost:5672//";
@@ -615,29 +616,6 @@ pub fn expand_nodename(pattern: &str, host: &str) -> String {
     } else {
         // Celery: a bare name gets `@host` appended.
         format!("{out}@{host}")
-    }
-}
-
-/// Replaces the password in a URL with `***` (also `user:pass@` inside
-/// unparsable strings), so URLs can be logged and printed.
-pub fn mask_url(url: &str) -> String {
-    if let Ok(mut u) = url::Url::parse(url) {
-        if u.password().is_some() && u.set_password(Some("***")).is_ok() {
-            return u.to_string();
-        }
-        return url.to_owned();
-    }
-    // Fallback for strings url cannot parse: mask between the first ':' after
-    // '//' and the last '@'.
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s + 3 => {
-            let creds = &url[s + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod backend;
+pub mod backoff;
 pub mod broker;
 pub mod cli;
 pub mod config;
@@ -14,7 +15,9 @@ pub mod kernel;
 pub mod ledger;
 pub mod notebook;
 pub mod protocol;
+pub mod redact;
 pub mod schedule;
 pub mod store;
 pub mod tasks;
+pub mod telemetry;
 pub mod worker;

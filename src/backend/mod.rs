@@ -5,6 +5,7 @@
 //! [`rpc`] (messages to the client's reply queue), [`redis`] (`SETEX` +
 //! `PUBLISH` of `celery-task-meta-<id>`) and [`mongodb`] (`celery_taskmeta`).
 
+pub mod memory;
 pub mod mongodb;
 pub mod redis;
 pub mod rpc;
@@ -147,7 +148,7 @@ pub async fn from_url(
             mongodb::MongoBackend::connect(url, mongo_url, serializer).await?,
         )),
         other => Err(BackendError::InvalidUrl {
-            url: crate::config::mask_url(url),
+            url: crate::redact::mask_url(url),
             reason: format!(
                 "unsupported result backend {other:?} (supported: rpc://, redis://, mongodb://)"
             ),

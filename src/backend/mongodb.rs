@@ -45,7 +45,7 @@ impl MongoBackend {
         serializer: Serializer,
     ) -> Result<Self, BackendError> {
         let invalid = |e: mongodb::error::Error| BackendError::InvalidUrl {
-            url: crate::config::mask_url(url),
+            url: crate::redact::mask_url(url),
             reason: e.to_string(),
         };
         let mut opts = mongodb::options::ClientOptions::parse(url)

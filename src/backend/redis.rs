@@ -46,10 +46,10 @@ impl RedisBackend {
     ) -> Result<Self, BackendError> {
         let io = |e: redis::RedisError| BackendError::Io {
             backend: "redis",
-            reason: format!("{} ({})", e, crate::config::mask_url(url)),
+            reason: format!("{} ({})", e, crate::redact::mask_url(url)),
         };
         let client = redis::Client::open(url).map_err(|e| BackendError::InvalidUrl {
-            url: crate::config::mask_url(url),
+            url: crate::redact::mask_url(url),
             reason: e.to_string(),
         })?;
         let conn = ConnectionManager::new_with_config(client, manager_config())

@@ -42,8 +42,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::{mask_url, Acker, Broker, BrokerError, Delivery, ExchangeType, FanoutSubscription};
+use super::{Acker, Broker, BrokerError, Delivery, ExchangeType, FanoutSubscription};
 use crate::protocol::{Headers, Outgoing, RawMessage, Value};
+use crate::redact::mask_url;
 
 /// Deepest nesting converted between field tables and [`Value`]s.
 const MAX_DEPTH: usize = 64;
@@ -402,7 +403,7 @@ async fn supervise(inner: Arc<Inner>) {
                             inner.install(Arc::clone(&session)).await;
                             drop(spec);
                             info!(url = %inner.masked_url, "reconnected to AMQP broker");
-                            crate::control::metrics::broker_reconnected();
+                            crate::telemetry::broker_reconnected();
                             backoff = Duration::from_millis(100);
                             break;
                         }

@@ -7,6 +7,7 @@
 //! decoding the body is the job of [`crate::protocol`].
 
 pub mod amqp;
+pub mod memory;
 pub mod redis;
 
 use async_trait::async_trait;
@@ -71,23 +72,6 @@ pub enum BrokerError {
     /// A declaration, publish, ack or other broker operation failed.
     #[error("broker operation failed: {0}")]
     Operation(String),
-}
-
-/// The broker URL with its password replaced by `****`, for logs.
-///
-/// Passwords must never reach a log line; anything that does not parse as a
-/// URL is replaced wholesale rather than echoed.
-pub fn mask_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                // Only fails for URLs that cannot carry credentials at all.
-                let _ = u.set_password(Some("****"));
-            }
-            u.to_string()
-        }
-        Err(_) => "<unparseable broker URL>".to_owned(),
-    }
 }
 
 /// How a consumer acknowledges one delivery. Exactly one of these is called.
@@ -201,24 +185,5 @@ pub trait Broker: Send + Sync + 'static {
         Err(BrokerError::Operation(format!(
             "cancelling queue {queue:?} at runtime is not supported by this broker"
         )))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::mask_url;
-
-    #[test]
-    fn masks_passwords() {
-        assert_eq!(
-            mask_url("amqp://guest:secret@127.0.0.1:5672//"),
-            "amqp://guest:****@127.0.0.1:5672//"
-        );
-        assert_eq!(
-            mask_url("redis://:pw@localhost:6379/0"),
-            "redis://:****@localhost:6379/0"
-        );
-        assert_eq!(mask_url("redis://localhost/0"), "redis://localhost/0");
-        assert!(!mask_url("::secret::").contains("secret"));
     }
 }

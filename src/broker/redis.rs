@@ -50,9 +50,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::{mask_url, Acker, Broker, BrokerError, Delivery, FanoutSubscription};
+use super::{Acker, Broker, BrokerError, Delivery, FanoutSubscription};
 use crate::protocol::envelope;
 use crate::protocol::{Outgoing, RawMessage};
+use crate::redact::mask_url;
 
 /// Options for [`RedisBroker::connect`]; the names and defaults are kombu's
 /// `broker_transport_options`, which must match the clients'.
@@ -799,7 +800,7 @@ async fn consume_loop(
             Ok(None) => {
                 if was_down {
                     info!(url = %shared.masked_url, "Redis connection restored");
-                    crate::control::metrics::broker_reconnected();
+                    crate::telemetry::broker_reconnected();
                     was_down = false;
                     backoff = Duration::from_millis(100);
                 }
@@ -822,7 +823,7 @@ async fn consume_loop(
         };
         if was_down {
             info!(url = %shared.masked_url, "Redis connection restored");
-            crate::control::metrics::broker_reconnected();
+            crate::telemetry::broker_reconnected();
             was_down = false;
             backoff = Duration::from_millis(100);
         }

@@ -1,4 +1,5 @@
 //! Prometheus metrics and `/healthz`, off unless `--metrics-addr` is given.
+//! The metric names and the hooks that record them are in [`crate::telemetry`].
 //!
 //! Everything records through the `metrics` facade: without an installed
 //! recorder the calls are no-ops, so the pipeline hooks cost nothing when
@@ -19,54 +20,15 @@ use tracing::{debug, info, warn};
 
 use super::state::WorkerState;
 use super::ControlError;
-
-/// Tasks received, by `task` and `queue`.
-pub const TASKS_RECEIVED: &str = "om_worker_tasks_received_total";
-/// Tasks that succeeded, by `task` and `queue`.
-pub const TASKS_SUCCEEDED: &str = "om_worker_tasks_succeeded_total";
-/// Tasks that failed (including time limits and terminations), by `task` and `queue`.
-pub const TASKS_FAILED: &str = "om_worker_tasks_failed_total";
-/// Run time histogram, by `task`.
-pub const TASK_RUNTIME: &str = "om_worker_task_runtime_seconds";
-/// Kernels started ahead of time and ready for a task (0 until a pool exists).
-pub const KERNELS_READY: &str = "om_worker_kernels_ready";
-/// Broker reconnects after a lost connection.
-pub const BROKER_RECONNECTS: &str = "om_worker_broker_reconnects_total";
-/// Task failures caused by MongoDB (`pymongo.errors.*`).
-pub const MONGODB_ERRORS: &str = "om_worker_mongodb_errors_total";
+use crate::telemetry::{
+    BROKER_RECONNECTS, KERNELS_READY, MONGODB_ERRORS, TASKS_FAILED, TASKS_RECEIVED,
+    TASKS_SUCCEEDED, TASK_RUNTIME,
+};
 
 /// Run-time buckets: notebooks take seconds to hours.
 const RUNTIME_BUCKETS: &[f64] = &[
     0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 3600.0,
 ];
-
-/// Hook: a task message was received.
-pub fn task_received(task: &str, queue: &str) {
-    metrics::counter!(TASKS_RECEIVED, "task" => task.to_owned(), "queue" => queue.to_owned())
-        .increment(1);
-}
-
-/// Hook: a task run ended.
-pub fn task_finished(task: &str, queue: &str, ok: bool, runtime_secs: f64) {
-    let name = if ok { TASKS_SUCCEEDED } else { TASKS_FAILED };
-    metrics::counter!(name, "task" => task.to_owned(), "queue" => queue.to_owned()).increment(1);
-    metrics::histogram!(TASK_RUNTIME, "task" => task.to_owned()).record(runtime_secs);
-}
-
-/// Hook for the kernel pool: how many pre-started kernels are ready now.
-pub fn set_kernels_ready(n: usize) {
-    metrics::gauge!(KERNELS_READY).set(n as f64);
-}
-
-/// Hook: the broker connection came back.
-pub fn broker_reconnected() {
-    metrics::counter!(BROKER_RECONNECTS).increment(1);
-}
-
-/// Hook: a MongoDB operation failed a task.
-pub fn mongodb_error() {
-    metrics::counter!(MONGODB_ERRORS).increment(1);
-}
 
 /// Installs the Prometheus recorder (process-wide, once) and returns the
 /// handle that renders the exposition text.

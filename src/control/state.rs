@@ -263,7 +263,7 @@ impl WorkerState {
             concurrency: concurrency.max(1),
             prefetch,
             timeouts,
-            broker_url: crate::broker::mask_url(broker_url),
+            broker_url: crate::redact::mask_url(broker_url),
             clock: LamportClock::default(),
             started: Instant::now(),
             seq: AtomicU64::new(0),
@@ -450,7 +450,7 @@ impl WorkerState {
             terminated: false,
         };
         self.lock().requests.insert(key, req);
-        super::metrics::task_received(&msg.name, &raw.routing_key);
+        crate::telemetry::task_received(&msg.name, &raw.routing_key);
         self.send_task_event(
             "task-received",
             json!({
@@ -737,7 +737,7 @@ impl RequestGuard {
             *g.total.entry(self.name.clone()).or_insert(0) += 1;
             g.processed += 1;
         }
-        super::metrics::task_finished(&self.name, &self.queue, outcome.is_ok(), runtime);
+        crate::telemetry::task_finished(&self.name, &self.queue, outcome.is_ok(), runtime);
         if self.terminated() {
             self.state.send_task_event(
                 "task-revoked",
@@ -752,7 +752,7 @@ impl RequestGuard {
             ),
             Err(e) => {
                 if e.exception.exc_module == "pymongo.errors" {
-                    super::metrics::mongodb_error();
+                    crate::telemetry::mongodb_error();
                 }
                 let msg = e
                     .exception

@@ -1,6 +1,8 @@
 //! Wiring: builds the broker, backend and registry a [`Config`] names, and
 //! implements the `worker`, `config` and `check` commands on top of them.
 
+pub mod kernels;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,13 +13,12 @@ use crate::backend::{self, ResultBackend};
 use crate::broker::amqp::{AmqpBroker, AmqpOptions};
 use crate::broker::redis::{RedisBroker, RedisOptions};
 use crate::broker::Broker;
-use crate::config::{mask_url, Config};
+use crate::config::Config;
 use crate::control::WorkerState;
 use crate::ledger::Ledger;
-use crate::notebook::executor::{Executor, ExecutorConfig, StreamMerge};
+use crate::redact::mask_url;
 use crate::store::Store;
 use crate::tasks::execute_scripts::{run_beat, ExecuteScripts};
-use crate::tasks::run_omegaml_job::RunOmegamlJob;
 use crate::tasks::schedule_omegaml_job::ScheduleOmegamlJob;
 use crate::tasks::Registry;
 use crate::worker::{Shutdown, Worker};
@@ -71,105 +72,6 @@ pub async fn connect_backend(
     .with_context(|| format!("result backend {}", mask_url(&config.result_backend)))
 }
 
-/// The notebook task: one pooled MongoDB client and one executor for all runs.
-pub async fn notebook_task(config: &Config) -> anyhow::Result<RunOmegamlJob> {
-    let store = Store::connect(&config.mongo_url, Duration::from_secs(5))
-        .await
-        .with_context(|| format!("MongoDB {}", mask_url(&config.mongo_url)))?;
-    std::fs::create_dir_all(&config.tmp_dir)
-        .with_context(|| format!("kernel working directory {}", config.tmp_dir.display()))?;
-    let mut executor_config = ExecutorConfig::new(kernel_launcher(config));
-    // The Python worker (nbconvert/nbclient defaults) stores one output per
-    // iopub message; so do we, for identical results notebooks.
-    executor_config.stream_merge = StreamMerge::None;
-    // Free the slot (and send the result) without waiting for ipykernel's shutdown.
-    executor_config.background_shutdown = true;
-    executor_config.memory_limit_bytes = kernel_memory_limit(config);
-    if let Some(mb) = config
-        .kernel_memory_mb
-        .filter(|mb| *mb < KERNEL_MEMORY_MIN_MB)
-    {
-        warn!(
-            "--kernel-memory-mb {mb} is below {KERNEL_MEMORY_MIN_MB}: it limits address space, and \
-             kernels usually fail to start under it (thread stacks and malloc arenas count)"
-        );
-    }
-    executor_config.max_total_output_bytes = mib(config.max_output_mb);
-    executor_config.max_cell_output_bytes = mib(config.max_cell_output_mb);
-    let executor = Executor::new(executor_config);
-    Ok(RunOmegamlJob::new(
-        store,
-        Arc::new(executor),
-        &config.mongo_url,
-        &config.broker_url,
-        config.tmp_dir.clone(),
-    ))
-}
-
-/// `--kernel-memory-mb` in bytes (the executor and the pool template must agree).
-fn kernel_memory_limit(config: &Config) -> Option<u64> {
-    config.kernel_memory_mb.map(|m| m.saturating_mul(1 << 20))
-}
-
-/// Below this address-space limit ipykernel cannot start its threads (each
-/// thread stack and malloc arena counts against RLIMIT_AS).
-const KERNEL_MEMORY_MIN_MB: u64 = 1024;
-
-fn mib(m: u64) -> usize {
-    usize::try_from(m.saturating_mul(1 << 20)).unwrap_or(usize::MAX)
-}
-
-/// The kernel launcher of the notebook task: fork server (falls back to plain processes) →
-/// pool of ready kernels → executor. The pool's template is what `RunOmegamlJob` asks for
-/// (python3, [`KernelEnv::omega`], cwd `OMEGA_TMP`), so its kernels match every task; other
-/// requests (another kernelspec) bypass the pool and, if not forkable, the fork server.
-fn kernel_launcher(config: &Config) -> Arc<dyn crate::kernel::KernelLauncher> {
-    use crate::kernel::{
-        ForkServerConfig, ForkServerLauncher, KernelEnv, KernelLauncher, LaunchOptions,
-        LocalLauncher, PooledLauncher,
-    };
-    let python = std::path::PathBuf::from(&config.python);
-    let env = KernelEnv::omega(&config.mongo_url, Some(&config.broker_url));
-    let base: Arc<dyn KernelLauncher> = if config.fork_server {
-        let mut fs = ForkServerConfig::new(python);
-        fs.preload = config.preload.clone();
-        fs.env = env.clone();
-        fs.cwd = Some(config.tmp_dir.clone());
-        Arc::new(ForkServerLauncher::new(fs))
-    } else {
-        Arc::new(LocalLauncher::new(python))
-    };
-    let launcher: Arc<dyn KernelLauncher> = if config.kernel_pool > 0 {
-        let template = LaunchOptions {
-            env,
-            cwd: Some(config.tmp_dir.clone()),
-            memory_limit_bytes: kernel_memory_limit(config),
-            ..LaunchOptions::default()
-        };
-        let pool = Arc::new(PooledLauncher::new(base, template, config.kernel_pool));
-        // The `kernels_ready` gauge follows the pool's fill; the task ends with the pool.
-        let weak = Arc::downgrade(&pool);
-        tokio::spawn(async move {
-            while let Some(pool) = weak.upgrade() {
-                crate::control::metrics::set_kernels_ready(pool.stats().ready);
-                drop(pool);
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        });
-        pool
-    } else {
-        base
-    };
-    info!(
-        fork_server = config.fork_server,
-        kernel_pool = config.kernel_pool,
-        "kernel launcher"
-    );
-    // Stopped (pool refills, fork server) at the end of run_worker.
-    crate::kernel::register_for_shutdown(&launcher);
-    launcher
-}
-
 /// `om-worker worker`: runs until SIGTERM/SIGINT (warm), a second one (cold).
 pub async fn run_worker(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
@@ -181,7 +83,8 @@ pub async fn run_worker(config: Config) -> anyhow::Result<()> {
         info!("removed {swept} stale kernel runtime dir(s)");
     }
     let mut registry = Registry::builtin();
-    registry.register(Arc::new(notebook_task(&config).await?));
+    let (notebook, notebook_runtime) = kernels::notebook_task(&config).await?;
+    registry.register(Arc::new(notebook));
     // Scheduled notebooks: their own (cheap) MongoDB pool, the shared broker.
     let schedule_store = Store::connect(&config.mongo_url, Duration::from_secs(5))
         .await
@@ -243,17 +146,8 @@ pub async fn run_worker(config: Config) -> anyhow::Result<()> {
     if let Some(handle) = beat {
         let _ = handle.await;
     }
-    // Stop pool refills and the fork server before the sweep below, so nothing starts a
-    // kernel after it.
-    if !crate::notebook::executor::wait_background_shutdowns(Duration::from_secs(5)).await {
-        warn!("kernels still shutting down after 5 s; killing them");
-    }
-    crate::kernel::shutdown_launchers().await;
-    // Belt and braces: no kernel outlives the worker, whatever happened above.
-    let killed = crate::kernel::kill_all_kernels();
-    if killed > 0 {
-        warn!("killed {killed} kernel process group(s) left at shutdown");
-    }
+    // Stop pool refills and the fork server, then end every kernel left.
+    notebook_runtime.shutdown().await;
     result?;
     Ok(())
 }

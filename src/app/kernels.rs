@@ -1,0 +1,139 @@
+//! Notebook-task wiring: the executor, the kernel launcher stack (fork
+//! server → pool → executor) and their orderly stop, built from a [`Config`].
+//!
+//! [`NotebookRuntime`] is what the worker's owner holds: it is created with
+//! the notebook task and shut down after the last task ended, so nothing
+//! starts a kernel after the sweep that ends them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::notebook::executor::{Executor, ExecutorConfig, StreamMerge};
+use crate::redact::mask_url;
+use crate::store::Store;
+use crate::tasks::run_omegaml_job::RunOmegamlJob;
+
+/// The kernels behind the notebook task, stopped by [`NotebookRuntime::shutdown`].
+pub struct NotebookRuntime {
+    _private: (),
+}
+
+impl NotebookRuntime {
+    /// Stops pool refills and the fork server, then ends every kernel still
+    /// alive. Call after the worker's last task ended.
+    pub async fn shutdown(self) {
+        if !crate::notebook::executor::wait_background_shutdowns(Duration::from_secs(5)).await {
+            warn!("kernels still shutting down after 5 s; killing them");
+        }
+        crate::kernel::shutdown_launchers().await;
+        // Belt and braces: no kernel outlives the worker, whatever happened above.
+        let killed = crate::kernel::kill_all_kernels();
+        if killed > 0 {
+            warn!("killed {killed} kernel process group(s) left at shutdown");
+        }
+    }
+}
+
+/// The notebook task: one pooled MongoDB client and one executor for all runs.
+pub async fn notebook_task(config: &Config) -> anyhow::Result<(RunOmegamlJob, NotebookRuntime)> {
+    let store = Store::connect(&config.mongo_url, Duration::from_secs(5))
+        .await
+        .with_context(|| format!("MongoDB {}", mask_url(&config.mongo_url)))?;
+    std::fs::create_dir_all(&config.tmp_dir)
+        .with_context(|| format!("kernel working directory {}", config.tmp_dir.display()))?;
+    let mut executor_config = ExecutorConfig::new(kernel_launcher(config));
+    // The Python worker (nbconvert/nbclient defaults) stores one output per
+    // iopub message; so do we, for identical results notebooks.
+    executor_config.stream_merge = StreamMerge::None;
+    // Free the slot (and send the result) without waiting for ipykernel's shutdown.
+    executor_config.background_shutdown = true;
+    executor_config.memory_limit_bytes = kernel_memory_limit(config);
+    if let Some(mb) = config
+        .kernel_memory_mb
+        .filter(|mb| *mb < KERNEL_MEMORY_MIN_MB)
+    {
+        warn!(
+            "--kernel-memory-mb {mb} is below {KERNEL_MEMORY_MIN_MB}: it limits address space, and \
+             kernels usually fail to start under it (thread stacks and malloc arenas count)"
+        );
+    }
+    executor_config.max_total_output_bytes = mib(config.max_output_mb);
+    executor_config.max_cell_output_bytes = mib(config.max_cell_output_mb);
+    let executor = Executor::new(executor_config);
+    let task = RunOmegamlJob::new(
+        store,
+        Arc::new(executor),
+        &config.mongo_url,
+        &config.broker_url,
+        config.tmp_dir.clone(),
+    );
+    Ok((task, NotebookRuntime { _private: () }))
+}
+
+/// `--kernel-memory-mb` in bytes (the executor and the pool template must agree).
+fn kernel_memory_limit(config: &Config) -> Option<u64> {
+    config.kernel_memory_mb.map(|m| m.saturating_mul(1 << 20))
+}
+
+/// Below this address-space limit ipykernel cannot start its threads (each
+/// thread stack and malloc arena counts against RLIMIT_AS).
+const KERNEL_MEMORY_MIN_MB: u64 = 1024;
+
+fn mib(m: u64) -> usize {
+    usize::try_from(m.saturating_mul(1 << 20)).unwrap_or(usize::MAX)
+}
+
+/// The kernel launcher of the notebook task: fork server (falls back to plain processes) →
+/// pool of ready kernels → executor. The pool's template is what `RunOmegamlJob` asks for
+/// (python3, [`KernelEnv::omega`], cwd `OMEGA_TMP`), so its kernels match every task; other
+/// requests (another kernelspec) bypass the pool and, if not forkable, the fork server.
+fn kernel_launcher(config: &Config) -> Arc<dyn crate::kernel::KernelLauncher> {
+    use crate::kernel::{
+        ForkServerConfig, ForkServerLauncher, KernelEnv, KernelLauncher, LaunchOptions,
+        LocalLauncher, PooledLauncher,
+    };
+    let python = std::path::PathBuf::from(&config.python);
+    let env = KernelEnv::omega(&config.mongo_url, Some(&config.broker_url));
+    let base: Arc<dyn KernelLauncher> = if config.fork_server {
+        let mut fs = ForkServerConfig::new(python);
+        fs.preload = config.preload.clone();
+        fs.env = env.clone();
+        fs.cwd = Some(config.tmp_dir.clone());
+        Arc::new(ForkServerLauncher::new(fs))
+    } else {
+        Arc::new(LocalLauncher::new(python))
+    };
+    let launcher: Arc<dyn KernelLauncher> = if config.kernel_pool > 0 {
+        let template = LaunchOptions {
+            env,
+            cwd: Some(config.tmp_dir.clone()),
+            memory_limit_bytes: kernel_memory_limit(config),
+            ..LaunchOptions::default()
+        };
+        let pool = Arc::new(PooledLauncher::new(base, template, config.kernel_pool));
+        // The `kernels_ready` gauge follows the pool's fill; the task ends with the pool.
+        let weak = Arc::downgrade(&pool);
+        tokio::spawn(async move {
+            while let Some(pool) = weak.upgrade() {
+                crate::telemetry::set_kernels_ready(pool.stats().ready);
+                drop(pool);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        pool
+    } else {
+        base
+    };
+    info!(
+        fork_server = config.fork_server,
+        kernel_pool = config.kernel_pool,
+        "kernel launcher"
+    );
+    // Stopped (pool refills, fork server) at the end of run_worker.
+    crate::kernel::register_for_shutdown(&launcher);
+    launcher
+}

@@ -1,0 +1,1 @@
+//! In-memory result backend for the worker pipeline tests (filled in below).

@@ -1,0 +1,1 @@
+//! In-memory broker for the worker pipeline tests (filled in below).
