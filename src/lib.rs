@@ -17,6 +17,7 @@ pub mod notebook;
 pub mod protocol;
 pub mod redact;
 pub mod schedule;
+pub mod shutdown;
 pub mod store;
 pub mod tasks;
 pub mod telemetry;

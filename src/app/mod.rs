@@ -15,13 +15,14 @@ use crate::broker::redis::{RedisBroker, RedisOptions};
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::control::WorkerState;
-use crate::ledger::Ledger;
+use crate::ledger::MongoLedger;
 use crate::redact::mask_url;
+use crate::shutdown::{Services, Shutdown};
 use crate::store::Store;
 use crate::tasks::execute_scripts::{run_beat, ExecuteScripts};
 use crate::tasks::schedule_omegaml_job::ScheduleOmegamlJob;
 use crate::tasks::Registry;
-use crate::worker::{Shutdown, Worker};
+use crate::worker::Worker;
 
 /// Connects to the broker the URL names.
 pub async fn connect_broker(config: &Config) -> anyhow::Result<Arc<dyn Broker>> {
@@ -73,6 +74,11 @@ pub async fn connect_backend(
 }
 
 /// `om-worker worker`: runs until SIGTERM/SIGINT (warm), a second one (cold).
+///
+/// This function owns everything the worker uses and stops it in the order
+/// [`crate::shutdown`] describes: the worker drains, `worker-offline` goes
+/// out, the background services stop, the broker is closed (returning
+/// unstarted messages), the kernels are ended.
 pub async fn run_worker(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let broker = connect_broker(&config).await?;
@@ -97,83 +103,68 @@ pub async fn run_worker(config: Config) -> anyhow::Result<()> {
         default_queue.clone(),
     )));
     info!("registered tasks: {}", registry.names().join(", "));
-    let shutdown = Shutdown::default();
-    spawn_signal_handler(shutdown.clone())?;
+    let shutdown = Shutdown::new();
+    shutdown
+        .listen_for_signals()
+        .context("installing SIGTERM/SIGINT handlers")?;
+    let mut services = Services::new();
     // Remote control (pidbox), events (heartbeats; task events with -E), metrics.
     let state = Arc::new(WorkerState::from_config(&config));
     state.set_task_events(config.task_events);
-    state.set_shutdown(shutdown.warm.clone());
+    state.set_shutdown(shutdown.warm_token());
     let names = registry.names().iter().map(|n| n.to_string()).collect();
-    let control = crate::control::start(
+    let events = crate::control::start(
         Arc::clone(&broker),
         Arc::clone(&state),
         names,
         config.metrics_addr,
+        services.token(),
     )
     .await?;
-    // --beat: omega|ml's `celery beat` (execute_scripts every 60 s), stopped at shutdown.
-    let beat_stop = tokio_util::sync::CancellationToken::new();
-    let beat = config.beat.then(|| {
-        tokio::spawn(run_beat(
-            Arc::clone(&broker),
-            default_queue,
-            Duration::from_secs(config.beat_interval),
-            beat_stop.clone(),
-        ))
-    });
+    services.adopt("events", events);
+    // --beat: omega|ml's `celery beat` (execute_scripts every 60 s).
+    if config.beat {
+        services.spawn(
+            "beat",
+            run_beat(
+                Arc::clone(&broker),
+                default_queue,
+                Duration::from_secs(config.beat_interval),
+                services.token(),
+            ),
+        );
+    }
     // Crash safety for notebook tasks: the in-flight ledger and its sweeper.
     let ledger_store = Store::connect(&config.mongo_url, Duration::from_secs(5))
         .await
         .with_context(|| format!("MongoDB {}", mask_url(&config.mongo_url)))?;
     let lease = Duration::from_secs(config.lease_seconds);
-    let ledger = Ledger::new(ledger_store.database(), &config.nodename, lease);
-    let sweeper_stop = tokio_util::sync::CancellationToken::new();
-    let sweeper = tokio::spawn(crate::ledger::sweep_forever(
-        ledger.clone(),
-        Arc::clone(&broker),
-        (lease / 2).max(Duration::from_secs(1)),
-        sweeper_stop.clone(),
-    ));
-    let result = Worker::new(Arc::clone(&config), broker, backend, registry)
-        .with_state(state)
-        .with_ledger(ledger)
-        .run(shutdown)
+    let ledger = MongoLedger::new(ledger_store.database(), &config.nodename, lease);
+    services.spawn(
+        "ledger sweeper",
+        crate::ledger::sweep_forever(
+            ledger.clone(),
+            Arc::clone(&broker),
+            (lease / 2).max(Duration::from_secs(1)),
+            services.token(),
+        ),
+    );
+    let result = Worker::new(Arc::clone(&config), Arc::clone(&broker), backend, registry)
+        .with_state(Arc::clone(&state))
+        .with_ledger(Arc::new(ledger))
+        .run(&shutdown)
         .await;
-    sweeper_stop.cancel();
-    let _ = sweeper.await;
-    control.stop();
-    beat_stop.cancel();
-    if let Some(handle) = beat {
-        let _ = handle.await;
+    // worker-offline while the broker is still open, then what publishes through it.
+    state.before_close().await;
+    services.stop(Duration::from_secs(10)).await;
+    // Last user of the broker gone: closing returns unstarted messages to their queues.
+    if let Err(e) = broker.close().await {
+        warn!("closing broker connection: {e}");
     }
     // Stop pool refills and the fork server, then end every kernel left.
     notebook_runtime.shutdown().await;
+    info!("om-worker {} stopped", config.nodename);
     result?;
-    Ok(())
-}
-
-/// First SIGTERM/SIGINT: warm shutdown; second: cold.
-fn spawn_signal_handler(shutdown: Shutdown) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    tokio::spawn(async move {
-        let mut seen = 0;
-        loop {
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = int.recv() => {},
-            }
-            seen += 1;
-            if seen == 1 {
-                info!("signal received: warm shutdown (send again for cold shutdown)");
-                shutdown.warm.cancel();
-            } else {
-                warn!("second signal: cold shutdown");
-                shutdown.cold.cancel();
-            }
-        }
-    });
     Ok(())
 }
 

@@ -36,33 +36,21 @@ pub enum ControlError {
     Bind(String, String),
 }
 
-/// Running control services; [`Services::stop`] ends what the broker
-/// close does not end by itself.
-#[derive(Debug, Default)]
-pub struct Services {
-    stop: CancellationToken,
-}
-
-impl Services {
-    /// Stops the metrics server and the events task (after the worker has
-    /// sent `worker-offline` through [`WorkerState::before_close`]).
-    pub fn stop(&self) {
-        self.stop.cancel();
-    }
-}
-
 /// Starts events (online + heartbeats), the pidbox node and, when
-/// `metrics_addr` is set, the metrics server.
+/// `metrics_addr` is set, the metrics server; returns the events task.
+/// Events and metrics stop when
+/// `stop` is cancelled (after the worker sent `worker-offline` through
+/// [`WorkerState::before_close`]); the pidbox ends with the broker.
 pub async fn start(
     broker: Arc<dyn Broker>,
     state: Arc<WorkerState>,
     registered: Vec<String>,
     metrics_addr: Option<SocketAddr>,
-) -> Result<Services, ControlError> {
-    let services = Services::default();
+    stop: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, ControlError> {
     if let Some(addr) = metrics_addr {
         let handle = metrics::install_recorder()?;
-        metrics::serve(addr, handle, Arc::clone(&state), services.stop.clone()).await?;
+        metrics::serve(addr, handle, Arc::clone(&state), stop.clone()).await?;
     }
     let ctx = Arc::new(commands::Context {
         broker: Arc::clone(&broker),
@@ -70,6 +58,5 @@ pub async fn start(
         registered,
     });
     pidbox::start(ctx).await?;
-    events::start(broker, state, services.stop.clone()).await;
-    Ok(services)
+    Ok(events::start(broker, state, stop).await)
 }

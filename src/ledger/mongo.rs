@@ -1,25 +1,9 @@
-//! The in-flight ledger: no task lost when a worker dies mid-run.
-//!
-//! omega|ml's Python worker acks a task when it starts, so a crash loses the
-//! running notebook. Holding the message unacked instead (acks-late) breaks
-//! long notebooks: RabbitMQ closes a channel that keeps a delivery unacked past
-//! `consumer_timeout` (30 min) and kombu's Redis transport hands a message
-//! unacked for `visibility_timeout` (1 h) to another worker while the first
-//! still runs it. So om-worker acks early *after* writing a durable record of
-//! the message to MongoDB (collection [`COLLECTION`] in the omega database)
-//! with a lease the running worker renews. Every worker sweeps the ledger; an
-//! expired lease means its owner died, and the sweeper claims the record
-//! atomically and republishes the original message to its queue. Tasks are
-//! idempotent on top of that (`run_omegaml_job` does not run a task again
-//! whose run is already recorded), so a republish after a crash at the very
-//! end of a run stores no second result.
-//!
-//! Guarantee: a task whose record was written is run to completion by some
-//! worker as long as one is alive, at least once, and its result is recorded
-//! once. The record is removed when the result is stored.
+//! [`MongoLedger`]: the in-flight records in MongoDB, and the sweep that
+//! re-queues the tasks of dead workers (see [`super`] for why).
 
 use std::time::Duration;
 
+use async_trait::async_trait;
 use chrono::Utc;
 use futures_util::TryStreamExt as _;
 use mongodb::bson::{doc, spec::BinarySubtype, Binary, Bson, DateTime, Document};
@@ -27,36 +11,19 @@ use mongodb::options::ReturnDocument;
 use mongodb::{Collection, Database};
 use tracing::{info, warn};
 
+use super::{Begin, Ledger, LedgerError};
 use crate::protocol::{json, Headers, Outgoing, RawMessage};
 
 /// Where records live (in the omega database).
 pub const COLLECTION: &str = "om_worker_inflight";
 
-/// Errors from the ledger.
-#[derive(Debug, thiserror::Error)]
-#[error("in-flight ledger {op}: {source}")]
-pub struct LedgerError {
-    op: &'static str,
-    #[source]
-    source: mongodb::error::Error,
-}
-
 fn err(op: &'static str) -> impl FnOnce(mongodb::error::Error) -> LedgerError {
-    move |source| LedgerError { op, source }
+    move |source| LedgerError::Mongo { op, source }
 }
 
-/// What [`Ledger::begin`] found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Begin {
-    /// The record is ours now: run the task.
-    Run,
-    /// Another live worker holds this task: this delivery is a duplicate.
-    HeldBy(String),
-}
-
-/// The ledger of one worker.
+/// The ledger of one worker, in MongoDB.
 #[derive(Clone)]
-pub struct Ledger {
+pub struct MongoLedger {
     coll: Collection<Document>,
     owner: String,
     lease: Duration,
@@ -68,83 +35,14 @@ fn lease_until(lease: Duration) -> DateTime {
     )
 }
 
-impl Ledger {
+impl MongoLedger {
     /// A ledger in `db` for the worker `owner`, leases of `lease`.
     pub fn new(db: &Database, owner: &str, lease: Duration) -> Self {
-        Ledger {
+        MongoLedger {
             coll: db.collection(COLLECTION),
             owner: owner.to_owned(),
             lease,
         }
-    }
-
-    /// The lease length.
-    pub fn lease(&self) -> Duration {
-        self.lease
-    }
-
-    /// Records that this worker starts `task_id` (from `raw`), unless another
-    /// worker holds a live lease on it. Call before acking the message.
-    pub async fn begin(&self, task_id: &str, raw: &RawMessage) -> Result<Begin, LedgerError> {
-        let now = DateTime::now();
-        // Take the record if it is new, expired or already ours.
-        let filter = doc! {
-            "_id": task_id,
-            "$or": [{"lease_until": {"$lt": now}}, {"owner": &self.owner}],
-        };
-        let update = doc! {
-            "$set": {
-                "owner": &self.owner,
-                "lease_until": lease_until(self.lease),
-                "queue": &raw.routing_key,
-                "message": message_doc(raw),
-            },
-            "$setOnInsert": {"created": now},
-            "$inc": {"attempts": 1},
-        };
-        match self
-            .coll
-            .find_one_and_update(filter, update)
-            .upsert(true)
-            .return_document(ReturnDocument::After)
-            .await
-        {
-            Ok(_) => Ok(Begin::Run),
-            // The filter missed an existing record: someone else holds a live lease.
-            Err(e) if is_duplicate_key(&e) => {
-                let holder = self
-                    .coll
-                    .find_one(doc! {"_id": task_id})
-                    .await
-                    .map_err(err("read holder"))?
-                    .and_then(|d| d.get_str("owner").ok().map(str::to_owned))
-                    .unwrap_or_else(|| "?".into());
-                Ok(Begin::HeldBy(holder))
-            }
-            Err(e) => Err(err("begin")(e)),
-        }
-    }
-
-    /// Extends the lease of a task this worker runs.
-    pub async fn renew(&self, task_id: &str) -> Result<bool, LedgerError> {
-        let r = self
-            .coll
-            .update_one(
-                doc! {"_id": task_id, "owner": &self.owner},
-                doc! {"$set": {"lease_until": lease_until(self.lease)}},
-            )
-            .await
-            .map_err(err("renew"))?;
-        Ok(r.matched_count == 1)
-    }
-
-    /// The task's result is stored: forget it.
-    pub async fn finish(&self, task_id: &str) -> Result<(), LedgerError> {
-        self.coll
-            .delete_one(doc! {"_id": task_id, "owner": &self.owner})
-            .await
-            .map(|_| ())
-            .map_err(err("finish"))
     }
 
     /// Whether MongoDB answers (one cheap read of the ledger collection).
@@ -198,6 +96,78 @@ impl Ledger {
             }
         }
         Ok(claimed)
+    }
+}
+
+#[async_trait]
+impl Ledger for MongoLedger {
+    /// The lease length.
+    fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// Records that this worker starts `task_id` (from `raw`), unless another
+    /// worker holds a live lease on it. Call before acking the message.
+    async fn begin(&self, task_id: &str, raw: &RawMessage) -> Result<Begin, LedgerError> {
+        let now = DateTime::now();
+        // Take the record if it is new, expired or already ours.
+        let filter = doc! {
+            "_id": task_id,
+            "$or": [{"lease_until": {"$lt": now}}, {"owner": &self.owner}],
+        };
+        let update = doc! {
+            "$set": {
+                "owner": &self.owner,
+                "lease_until": lease_until(self.lease),
+                "queue": &raw.routing_key,
+                "message": message_doc(raw),
+            },
+            "$setOnInsert": {"created": now},
+            "$inc": {"attempts": 1},
+        };
+        match self
+            .coll
+            .find_one_and_update(filter, update)
+            .upsert(true)
+            .return_document(ReturnDocument::After)
+            .await
+        {
+            Ok(_) => Ok(Begin::Run),
+            // The filter missed an existing record: someone else holds a live lease.
+            Err(e) if is_duplicate_key(&e) => {
+                let holder = self
+                    .coll
+                    .find_one(doc! {"_id": task_id})
+                    .await
+                    .map_err(err("read holder"))?
+                    .and_then(|d| d.get_str("owner").ok().map(str::to_owned))
+                    .unwrap_or_else(|| "?".into());
+                Ok(Begin::HeldBy(holder))
+            }
+            Err(e) => Err(err("begin")(e)),
+        }
+    }
+
+    /// Extends the lease of a task this worker runs.
+    async fn renew(&self, task_id: &str) -> Result<bool, LedgerError> {
+        let r = self
+            .coll
+            .update_one(
+                doc! {"_id": task_id, "owner": &self.owner},
+                doc! {"$set": {"lease_until": lease_until(self.lease)}},
+            )
+            .await
+            .map_err(err("renew"))?;
+        Ok(r.matched_count == 1)
+    }
+
+    /// The task's result is stored: forget it.
+    async fn finish(&self, task_id: &str) -> Result<(), LedgerError> {
+        self.coll
+            .delete_one(doc! {"_id": task_id, "owner": &self.owner})
+            .await
+            .map(|_| ())
+            .map_err(err("finish"))
     }
 }
 
@@ -272,7 +242,7 @@ fn outgoing_from(rec: &Document) -> Option<(String, Outgoing)> {
 /// renewed its records (they renew every lease/3), and only the records of
 /// dead workers are still expired.
 pub async fn sweep_forever(
-    ledger: Ledger,
+    ledger: MongoLedger,
     broker: std::sync::Arc<dyn crate::broker::Broker>,
     interval: Duration,
     stop: tokio_util::sync::CancellationToken,
@@ -312,7 +282,7 @@ pub async fn sweep_forever(
 
 /// One sweep: claim the expired records and republish their messages.
 async fn sweep_once(
-    ledger: &Ledger,
+    ledger: &MongoLedger,
     broker: &dyn crate::broker::Broker,
 ) -> Result<(), LedgerError> {
     for (id, queue, msg) in ledger.claim_expired().await? {

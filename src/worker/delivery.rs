@@ -1,0 +1,278 @@
+//! One delivery from receipt to settlement: the pipeline's stages in
+//! Celery's order, each asking [`super::decide`] what to do and applying it.
+//!
+//! decode → route (unknown task?) → admit (expired? revoked? ETA hold) →
+//! slot → claim (duplicate? ledger record) → ack (omega|ml runs with
+//! `acks_late=False`) → STARTED → run under the time limits → result →
+//! ledger record removed.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tracing::{debug, info, warn};
+
+use super::decide::{self, Admit, Route, Settle, Verdict};
+use super::report::{conclude, settle, store};
+use super::run::{renew_lease, run_limited};
+use super::timings::{Step, Timings};
+use super::Shared;
+use crate::backend::ReplyTarget;
+use crate::backoff::Backoff;
+use crate::broker::{Acker, Delivery};
+use crate::control::state::RequestGuard;
+use crate::ledger::{Begin, Ledger};
+use crate::protocol::{Outgoing, RawMessage, ResultMeta, TaskMessage};
+use crate::tasks::TaskContext;
+
+/// Handles one delivery from receipt to settlement.
+pub(super) async fn handle(s: Arc<Shared>, d: Delivery) {
+    let received_at = Instant::now();
+    let Delivery { message, acker } = d;
+    let acker = acker.as_ref();
+    let msg = match decide::decode(&message) {
+        Ok(m) => m,
+        Err(v) => return conclude(s.backend.as_ref(), acker, "malformed", v).await,
+    };
+    let task = match decide::route(
+        &msg,
+        &message.routing_key,
+        &s.registry,
+        &s.config.unknown_tasks,
+    ) {
+        Route::Run(task) => task,
+        Route::End(v) => return conclude(s.backend.as_ref(), acker, &msg.id, v).await,
+        Route::Forward(queue) => return forward(&s, &message, &msg, &queue, acker).await,
+    };
+    let mut req = s.state.received(&msg, &message);
+    if !admitted(&s, &msg, acker, &req).await {
+        return;
+    }
+
+    let permit = tokio::select! {
+        p = Arc::clone(&s.slots).acquire_owned() => match p {
+            Ok(p) => p,
+            Err(_) => return,
+        },
+        // Left unacked: the broker returns it when the connection closes.
+        _ = s.stop_starting.cancelled() => return,
+    };
+    if s.stop_starting.is_cancelled() {
+        return;
+    }
+    if s.state.is_revoked(&msg.id) {
+        req.revoked(false);
+        return conclude(
+            s.backend.as_ref(),
+            acker,
+            &msg.id,
+            decide::revoked_by_control(&msg),
+        )
+        .await;
+    }
+    let Some(_running) = RunningGuard::enter(&s.running, &msg.id) else {
+        warn!(task_id = %msg.id, task = %msg.name, "duplicate delivery of a task running on this worker; acking it");
+        return settle(acker, Settle::Ack, &msg.id).await;
+    };
+    let mut timings = Timings::new(received_at);
+
+    // Durable tasks: record the message before acking it, so a worker that
+    // dies mid-run does not lose it (see `ledger`).
+    let ledger = match (task.durable(), &s.ledger) {
+        (true, Some(l)) => match claim(&s, l.as_ref(), &msg, &message).await {
+            Some(Begin::Run) => Some(Arc::clone(l)),
+            Some(Begin::HeldBy(owner)) => {
+                warn!(task_id = %msg.id, "duplicate delivery of a task running on {owner}; acking it");
+                return settle(acker, Settle::Ack, &msg.id).await;
+            }
+            // Shutting down before the record was written: left unacked.
+            None => return,
+        },
+        _ => None,
+    };
+    timings.mark(Step::Ledger);
+
+    // omega|ml's Celery config leaves acks_late off: ack when execution starts.
+    if let Err(e) = acker.ack().await {
+        // The channel this came on is gone, so the broker has requeued the
+        // message; running it now would run it twice.
+        warn!(task_id = %msg.id, "ack failed, not running (the broker redelivers it): {e}");
+        return;
+    }
+    timings.mark(Step::Ack);
+    let started_at = Instant::now();
+    info!(task_id = %msg.id, task = %msg.name, queue = %message.routing_key, "task started");
+    let target = ReplyTarget {
+        reply_to: msg.reply_to.clone(),
+    };
+    if msg.ignore_result != Some(true) {
+        let meta = ResultMeta::started(&msg.id, std::process::id(), &s.config.nodename);
+        store(s.backend.as_ref(), &meta, &target).await;
+    }
+    timings.mark(Step::Started);
+
+    let soft = msg.soft_time_limit.or(Some(s.config.soft_time_limit));
+    let hard = msg.hard_time_limit.unwrap_or(s.config.hard_time_limit);
+    let ctx = TaskContext {
+        nodename: s.config.nodename.clone(),
+        cancel: s.stop_running.child_token(),
+        cancel_reason: Arc::default(),
+        soft_time_limit: soft,
+        slot: req.start(),
+        gpus: s.config.gpus.clone(),
+    };
+    req.running(&ctx);
+    let renewer = ledger.clone().map(|l| renew_lease(l, msg.id.clone()));
+    let outcome = run_limited(task.as_ref(), ctx, &msg, hard).await;
+    let runtime = started_at.elapsed();
+    timings.mark(Step::Run);
+    req.finish(&outcome, |v| v.repr());
+    match &outcome {
+        Ok(_) => info!(task_id = %msg.id, task = %msg.name, "task succeeded in {runtime:.3?}"),
+        Err(err) => warn!(
+            task_id = %msg.id, task = %msg.name,
+            "task failed in {runtime:.3?}: {}: {}",
+            err.exception.exc_type,
+            err.exception.exc_message.first().map(|m| m.repr()).unwrap_or_default()
+        ),
+    }
+    if let Some(meta) = decide::outcome_report(&msg, outcome, req.terminated()) {
+        store(s.backend.as_ref(), &meta, &target).await;
+    }
+    timings.mark(Step::Result);
+    if let Some(r) = renewer {
+        r.abort();
+    }
+    if let Some(l) = ledger {
+        if let Err(e) = l.finish(&msg.id).await {
+            // The record expires and the task is re-queued; it is idempotent.
+            warn!(task_id = %msg.id, "{e}");
+        }
+    }
+    timings.mark(Step::LedgerFinish);
+    timings.log(&msg.id);
+    drop(permit);
+}
+
+/// Stage 3 applied: settles an expired or revoked message, holds one with a
+/// future ETA (outside the prefetch count) until it is due. `false` when the
+/// delivery ended here (settled, or left unacked at shutdown).
+async fn admitted(s: &Shared, msg: &TaskMessage, acker: &dyn Acker, req: &RequestGuard) -> bool {
+    // A revoke ends a hold early; the next round settles it. Once woken that
+    // way, holds are no longer interruptible, so a wake-up can never spin.
+    let mut interruptible = true;
+    loop {
+        match decide::admit(msg, Utc::now(), s.state.is_revoked(&msg.id)) {
+            Admit::Now => return true,
+            Admit::Expired(v) => {
+                conclude(s.backend.as_ref(), acker, &msg.id, v).await;
+                return false;
+            }
+            Admit::Revoked(v) => {
+                req.revoked(false);
+                conclude(s.backend.as_ref(), acker, &msg.id, v).await;
+                return false;
+            }
+            Admit::HoldFor(wait) => {
+                let Some(eta) = msg.eta else { return true };
+                debug!(task_id = %msg.id, "holding until ETA {eta} ({wait:?})");
+                req.scheduled(eta);
+                acker.hold_outside_prefetch().await;
+                let stopped = tokio::select! {
+                    _ = tokio::time::sleep(wait) => false,
+                    _ = req.interrupted(), if interruptible => {
+                        interruptible = false;
+                        false
+                    }
+                    _ = s.stop_starting.cancelled() => true,
+                };
+                if stopped {
+                    // Left unacked: the broker returns it when the connection closes.
+                    return false;
+                }
+                acker.end_hold().await;
+                req.reserved();
+            }
+        }
+    }
+}
+
+/// Writes the in-flight record, retrying while the ledger is unreachable
+/// (the message stays unacked meanwhile). `None` when shutdown began first.
+async fn claim(
+    s: &Shared,
+    ledger: &dyn Ledger,
+    msg: &TaskMessage,
+    raw: &RawMessage,
+) -> Option<Begin> {
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
+    loop {
+        match ledger.begin(&msg.id, raw).await {
+            Ok(b) => return Some(b),
+            Err(e) => warn!(
+                task_id = %msg.id,
+                "cannot record the task yet, retrying in {:?}: {e}",
+                backoff.peek()
+            ),
+        }
+        tokio::select! {
+            _ = backoff.wait() => {}
+            _ = s.stop_starting.cancelled() => return None,
+        }
+    }
+}
+
+/// `--unknown-tasks forward:<queue>`: the message goes on unchanged; if the
+/// publish fails it goes back on its own queue rather than being lost.
+async fn forward(s: &Shared, raw: &RawMessage, msg: &TaskMessage, queue: &str, acker: &dyn Acker) {
+    let out = Outgoing {
+        body: raw.body.clone(),
+        content_type: raw.content_type.clone().unwrap_or_default(),
+        content_encoding: raw.content_encoding.clone().unwrap_or_default(),
+        headers: raw.headers.clone(),
+        correlation_id: raw.correlation_id.clone(),
+        reply_to: raw.reply_to.clone(),
+        priority: raw.priority,
+        delivery_mode: raw.delivery_mode.unwrap_or(2),
+        expiration: raw.expiration.clone(),
+    };
+    let how = match s.broker.publish("", queue, out).await {
+        Ok(()) => {
+            info!(task_id = %msg.id, "forwarded unregistered task {:?} to queue {queue:?}", msg.name);
+            Settle::Ack
+        }
+        Err(e) => {
+            // Not lost: back on its queue for another worker (or us, later).
+            tracing::error!(task_id = %msg.id, "forwarding to {queue:?} failed, requeueing: {e}");
+            Settle::Requeue
+        }
+    };
+    conclude(s.backend.as_ref(), acker, &msg.id, Verdict::settle(how)).await;
+}
+
+/// Marks a task id as running here for as long as it lives: a second
+/// delivery of a running id (a publisher's duplicate, a re-queue racing its
+/// own run) is acked and dropped instead of running the task twice at once.
+struct RunningGuard<'a> {
+    running: &'a Mutex<HashSet<String>>,
+    id: String,
+}
+
+impl<'a> RunningGuard<'a> {
+    /// `None` when the id is already running here.
+    fn enter(running: &'a Mutex<HashSet<String>>, id: &str) -> Option<Self> {
+        let mut set = running.lock().unwrap_or_else(|p| p.into_inner());
+        set.insert(id.to_owned()).then(|| RunningGuard {
+            running,
+            id: id.to_owned(),
+        })
+    }
+}
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        let mut set = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        set.remove(&self.id);
+    }
+}
