@@ -83,17 +83,20 @@ where
     Fut: std::future::Future<Output = Result<T, StoreError>>,
 {
     let started = std::time::Instant::now();
-    let mut delay = std::time::Duration::from_millis(250);
+    let mut backoff = crate::backoff::Backoff::new(
+        std::time::Duration::from_millis(250),
+        std::time::Duration::from_secs(5),
+    );
     let mut attempt = 1;
     loop {
         match op(attempt).await {
-            Err(e) if e.is_transient() && started.elapsed() + delay < OUTAGE_BUDGET => {
+            Err(e) if e.is_transient() && started.elapsed() + backoff.peek() < OUTAGE_BUDGET => {
+                let delay = backoff.next_delay();
                 tracing::warn!(
                     task_id,
                     "{what}: MongoDB unreachable, retrying in {delay:?}: {e}"
                 );
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(std::time::Duration::from_secs(5));
                 attempt += 1;
             }
             Err(e) => return Err(e),
