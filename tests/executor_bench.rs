@@ -10,7 +10,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use om_worker::kernel::{KernelLauncher, LaunchOptions, LocalLauncher};
+use om_worker::kernel::{KernelLauncher, KernelTracker, LaunchOptions, LocalLauncher};
 use om_worker::notebook::RunOptions;
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -44,7 +44,7 @@ print(f'python start->ready median {statistics.median(starts)*1000:.1f} ms; 1+1 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn measure() {
-    let launcher = LocalLauncher::new(venv_python());
+    let launcher = LocalLauncher::new(venv_python(), KernelTracker::new());
     let opts = LaunchOptions {
         cwd: Some(std::env::temp_dir()),
         ..Default::default()

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use om_worker::kernel::KernelTracker;
 use om_worker::notebook::{
     Cell, Executor, ExecutorConfig, Notebook, Progress, RunOptions, RunOutcome,
 };
@@ -21,8 +22,14 @@ pub fn venv_python() -> PathBuf {
     p
 }
 
+/// Local kernels of the venv python in the temp dir, registered in a tracker of their own.
 pub fn config() -> ExecutorConfig {
-    let mut c = ExecutorConfig::local(venv_python());
+    tracked_config(KernelTracker::new())
+}
+
+/// [`config`] registering its kernels in `kernels`.
+pub fn tracked_config(kernels: KernelTracker) -> ExecutorConfig {
+    let mut c = ExecutorConfig::local(venv_python(), kernels);
     c.cwd = Some(std::env::temp_dir());
     c
 }

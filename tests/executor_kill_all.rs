@@ -1,5 +1,5 @@
-//! `kill_all_kernels` (the worker's SIGTERM path), in its own test binary because it kills
-//! every kernel of the process, including those of tests running in parallel.
+//! `KernelTracker::kill_all` (the worker's SIGTERM path), in its own test binary as when it
+//! killed every kernel of the process, including those of tests running in parallel.
 
 #[path = "executor_common.rs"]
 mod common;
@@ -7,7 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use om_worker::kernel::{kill_all_kernels, live_kernel_groups};
+use om_worker::kernel::KernelTracker;
+use om_worker::notebook::Executor;
 use om_worker::notebook::{Progress, RunError, RunOptions};
 use tokio::sync::mpsc;
 
@@ -15,7 +16,8 @@ const GONE: Duration = Duration::from_secs(10);
 
 #[tokio::test]
 async fn kill_all_kernels_stops_a_running_notebook() {
-    let exec = executor();
+    let kernels = KernelTracker::new();
+    let exec = Executor::new(tracked_config(kernels.clone()));
     let (tx, mut rx) = mpsc::unbounded_channel();
     let opts = RunOptions {
         progress: Some(tx),
@@ -39,9 +41,9 @@ async fn kill_all_kernels_stops_a_running_notebook() {
     }
     let pid = pid.expect("kernel started");
     assert!(!group_members(pid).is_empty());
-    assert!(live_kernel_groups().contains(&pid));
-    assert!(kill_all_kernels() >= 1);
-    assert!(live_kernel_groups().is_empty());
+    assert!(kernels.live_groups().contains(&pid));
+    assert!(kernels.kill_all() >= 1);
+    assert!(kernels.live_groups().is_empty());
     let o = tokio::time::timeout(Duration::from_secs(15), run)
         .await
         .expect("run ended after kill_all")

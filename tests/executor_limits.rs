@@ -284,6 +284,7 @@ async fn startup_failures_return_the_notebook_unchanged() {
 
     let exec = Executor::new(om_worker::notebook::ExecutorConfig::local(
         "/nonexistent/bin/python3",
+        om_worker::kernel::KernelTracker::new(),
     ));
     let (o, _) = run_with(&exec, nb.clone(), RunOptions::default()).await;
     assert!(o.error.is_some());

@@ -13,7 +13,7 @@ use common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use om_worker::kernel::{
-    ForkServerConfig, ForkServerLauncher, KernelEnv, KernelLauncher, LaunchOptions,
+    ForkServerConfig, ForkServerLauncher, KernelEnv, KernelLauncher, KernelTracker, LaunchOptions,
 };
 use om_worker::notebook::{Executor, ExecutorConfig, RunError, RunOptions};
 
@@ -73,7 +73,7 @@ async fn forked_kernel_gives_the_same_results_as_a_local_one() {
         .collect();
     let refs: Vec<&str> = cells.iter().map(String::as_str).collect();
 
-    let launcher = Arc::new(ForkServerLauncher::new(fs_config()));
+    let launcher = Arc::new(ForkServerLauncher::new(fs_config(), KernelTracker::new()));
     let (forked, fpid) = run_with(
         &fork_executor(Arc::clone(&launcher)),
         notebook(&refs),
@@ -101,7 +101,7 @@ async fn forked_kernel_gives_the_same_results_as_a_local_one() {
 
 #[tokio::test]
 async fn forked_kernel_is_a_child_of_the_server_in_its_own_session() {
-    let launcher = ForkServerLauncher::new(fs_config());
+    let launcher = ForkServerLauncher::new(fs_config(), KernelTracker::new());
     let kernel = tokio::time::timeout(Duration::from_secs(120), launcher.launch(&launch_opts()))
         .await
         .expect("bounded")
@@ -110,17 +110,17 @@ async fn forked_kernel_is_a_child_of_the_server_in_its_own_session() {
     let pid = kernel.pid();
     assert_eq!(ppid(pid), Some(server));
     assert!(!group_members(pid).is_empty());
-    assert!(om_worker::kernel::live_kernel_groups().contains(&pid));
+    assert!(launcher.kernels().live_groups().contains(&pid));
     let exit = kernel.shutdown(Duration::from_secs(5)).await;
     assert!(exit.is_some(), "exit status reported by the server");
     assert!(wait_group_gone(pid, GONE).await.is_empty());
-    assert!(!om_worker::kernel::live_kernel_groups().contains(&pid));
+    assert!(!launcher.kernels().live_groups().contains(&pid));
     launcher.shutdown().await;
 }
 
 #[tokio::test]
 async fn forked_kernel_death_is_reported_quickly() {
-    let launcher = Arc::new(ForkServerLauncher::new(fs_config()));
+    let launcher = Arc::new(ForkServerLauncher::new(fs_config(), KernelTracker::new()));
     let exec = fork_executor(Arc::clone(&launcher));
     // Start the server first so the timing below covers only the death.
     launcher.start().await.expect("server starts");
@@ -146,7 +146,7 @@ async fn forked_kernel_death_is_reported_quickly() {
 
 #[tokio::test]
 async fn no_orphans_after_success_error_and_timeout() {
-    let launcher = Arc::new(ForkServerLauncher::new(fs_config()));
+    let launcher = Arc::new(ForkServerLauncher::new(fs_config(), KernelTracker::new()));
     let exec = fork_executor(Arc::clone(&launcher));
     // Each run leaves a grandchild in the kernel's process group.
     let spawn = "import subprocess\np = subprocess.Popen(['sleep', '300'])";
@@ -184,7 +184,7 @@ async fn no_orphans_after_success_error_and_timeout() {
 async fn server_sigkill_kills_its_kernels_then_restart_then_fallback() {
     let mut cfg = fs_config();
     cfg.max_restarts = 1;
-    let launcher = ForkServerLauncher::new(cfg);
+    let launcher = ForkServerLauncher::new(cfg, KernelTracker::new());
     let opts = launch_opts();
     let bound = Duration::from_secs(120);
 
@@ -244,7 +244,7 @@ async fn server_that_cannot_start_falls_back_to_local_once() {
     let mut cfg = fs_config();
     cfg.preload = vec!["om_crashy_mod".into()];
     cfg.env = env.clone();
-    let launcher = ForkServerLauncher::new(cfg);
+    let launcher = ForkServerLauncher::new(cfg, KernelTracker::new());
     let opts = LaunchOptions {
         env,
         ..launch_opts()
@@ -267,7 +267,7 @@ async fn server_that_cannot_start_falls_back_to_local_once() {
 async fn failing_preload_is_reported_not_fatal() {
     let mut cfg = fs_config();
     cfg.preload = vec!["json".into(), "om_no_such_module_xyz".into()];
-    let launcher = ForkServerLauncher::new(cfg);
+    let launcher = ForkServerLauncher::new(cfg, KernelTracker::new());
     let k = tokio::time::timeout(Duration::from_secs(120), launcher.launch(&launch_opts()))
         .await
         .expect("bounded")
@@ -279,7 +279,7 @@ async fn failing_preload_is_reported_not_fatal() {
 
 #[tokio::test]
 async fn requests_the_server_cannot_serve_faithfully_go_local() {
-    let launcher = ForkServerLauncher::new(fs_config());
+    let launcher = ForkServerLauncher::new(fs_config(), KernelTracker::new());
     // Another cwd than the server's: omegaml reads config.yml from the cwd at import time.
     let other = tempfile::tempdir().expect("tempdir");
     let opts = LaunchOptions {

@@ -1,5 +1,5 @@
-//! `kill_all_kernels` reaches forked kernels and idle pooled kernels too (own test binary: it
-//! kills every kernel of the process).
+//! `KernelTracker::kill_all` reaches forked kernels and idle pooled kernels too (own test
+//! binary, as when it killed every kernel of the process).
 
 #[path = "executor_common.rs"]
 mod common;
@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use common::*;
 use om_worker::kernel::{
-    kill_all_kernels, live_kernel_groups, ForkServerConfig, ForkServerLauncher, KernelLauncher,
-    LaunchOptions, PooledLauncher,
+    ForkServerConfig, ForkServerLauncher, KernelLauncher, KernelTracker, LaunchOptions,
+    PooledLauncher,
 };
 
 #[tokio::test]
@@ -18,7 +18,8 @@ async fn kill_all_kernels_reaches_forked_and_pooled_kernels() {
     let mut c = ForkServerConfig::new(venv_python());
     c.default_preload = false;
     c.cwd = Some(std::env::temp_dir());
-    let fork = Arc::new(ForkServerLauncher::new(c));
+    let kernels = KernelTracker::new();
+    let fork = Arc::new(ForkServerLauncher::new(c, kernels.clone()));
     let opts = LaunchOptions {
         cwd: Some(std::env::temp_dir()),
         ..LaunchOptions::default()
@@ -33,9 +34,9 @@ async fn kill_all_kernels_reaches_forked_and_pooled_kernels() {
     let mut pids = pool.ready_pids();
     pids.push(busy.pid());
     for p in &pids {
-        assert!(live_kernel_groups().contains(p));
+        assert!(kernels.live_groups().contains(p));
     }
-    assert!(kill_all_kernels() >= 3);
+    assert!(kernels.kill_all() >= 3);
     for p in &pids {
         let left = wait_group_gone(*p, Duration::from_secs(15)).await;
         assert!(left.is_empty(), "kernel {p} survived kill_all: {left:?}");

@@ -12,8 +12,8 @@ use common::*;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use om_worker::kernel::{
-    ForkServerConfig, ForkServerLauncher, KernelLauncher, LaunchOptions, LocalLauncher,
-    PooledLauncher,
+    ForkServerConfig, ForkServerLauncher, KernelLauncher, KernelTracker, LaunchOptions,
+    LocalLauncher, PooledLauncher,
 };
 use om_worker::notebook::{Executor, ExecutorConfig, RunOptions};
 
@@ -32,7 +32,7 @@ fn fork_launcher() -> Arc<ForkServerLauncher> {
     c.default_preload = false;
     c.preload = vec!["json".into()];
     c.cwd = Some(std::env::temp_dir());
-    Arc::new(ForkServerLauncher::new(c))
+    Arc::new(ForkServerLauncher::new(c, KernelTracker::new()))
 }
 
 fn pool(size: usize) -> Arc<PooledLauncher> {
@@ -218,7 +218,7 @@ async fn shutdown_kills_idle_kernels_and_stops_refilling() {
 #[tokio::test]
 async fn pool_over_the_local_launcher() {
     let pool = Arc::new(PooledLauncher::new(
-        Arc::new(LocalLauncher::new(venv_python())),
+        Arc::new(LocalLauncher::new(venv_python(), KernelTracker::new())),
         template(),
         1,
     ));
@@ -260,10 +260,10 @@ async fn bench_kernel_ready_latency() {
     }
 
     // Ready latency.
-    let local = LocalLauncher::new(venv_python());
+    let local = LocalLauncher::new(venv_python(), KernelTracker::new());
     let mut fs_cfg = ForkServerConfig::new(venv_python());
     fs_cfg.cwd = Some(std::env::temp_dir());
-    let fork = Arc::new(ForkServerLauncher::new(fs_cfg));
+    let fork = Arc::new(ForkServerLauncher::new(fs_cfg, KernelTracker::new()));
     let t = Instant::now();
     fork.start().await.expect("fork server");
     println!("fork server start (omegaml preload): {:?}", t.elapsed());
@@ -288,9 +288,8 @@ async fn bench_kernel_ready_latency() {
         }
         // Ready + the omegaml cell, through the executor.
         let mut c = ExecutorConfig::new(match name {
-            "plain launch" => {
-                Arc::new(LocalLauncher::new(venv_python())) as Arc<dyn KernelLauncher>
-            }
+            "plain launch" => Arc::new(LocalLauncher::new(venv_python(), KernelTracker::new()))
+                as Arc<dyn KernelLauncher>,
             "fork server" => Arc::clone(&fork) as Arc<dyn KernelLauncher>,
             _ => Arc::clone(&pool) as Arc<dyn KernelLauncher>,
         });

@@ -3,7 +3,9 @@
 //!
 //! [`NotebookRuntime`] is what the worker's owner holds: it is created with
 //! the notebook task and shut down after the last task ended, so nothing
-//! starts a kernel after the sweep that ends them.
+//! starts a kernel after the sweep that ends them. It owns the handles the
+//! shutdown needs (the executor's background shutdowns, the launcher stack,
+//! the tracker every kernel is registered in); nothing of it is process-wide.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +14,7 @@ use anyhow::Context as _;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::kernel::{KernelLauncher, KernelTracker};
 use crate::notebook::executor::{Executor, ExecutorConfig, StreamMerge};
 use crate::redact::mask_url;
 use crate::store::Store;
@@ -19,19 +22,34 @@ use crate::tasks::run_omegaml_job::RunOmegamlJob;
 
 /// The kernels behind the notebook task, stopped by [`NotebookRuntime::shutdown`].
 pub struct NotebookRuntime {
-    _private: (),
+    /// The notebook task's executor (shared with the task), for its background
+    /// kernel shutdowns.
+    executor: Arc<Executor>,
+    /// The top of the launcher stack (pool → fork server, or plain): its
+    /// [`KernelLauncher::shutdown`] stops pool refills and the fork server
+    /// below, in order, before the final sweep. Held here (not only through
+    /// the task registry, dropped when the worker loop ends) so an idle pool
+    /// is stopped in order rather than left to that sweep.
+    launcher: Arc<dyn KernelLauncher>,
+    /// Every kernel the launchers started, for the final sweep.
+    kernels: KernelTracker,
 }
 
 impl NotebookRuntime {
     /// Stops pool refills and the fork server, then ends every kernel still
     /// alive. Call after the worker's last task ended.
     pub async fn shutdown(self) {
-        if !crate::notebook::executor::wait_background_shutdowns(Duration::from_secs(5)).await {
+        if !self
+            .executor
+            .wait_background_shutdowns(Duration::from_secs(5))
+            .await
+        {
             warn!("kernels still shutting down after 5 s; killing them");
         }
-        crate::kernel::shutdown_launchers().await;
+        // The pool's shutdown shuts the launcher it wraps (the fork server) down too.
+        self.launcher.shutdown().await;
         // Belt and braces: no kernel outlives the worker, whatever happened above.
-        let killed = crate::kernel::kill_all_kernels();
+        let killed = self.kernels.kill_all();
         if killed > 0 {
             warn!("killed {killed} kernel process group(s) left at shutdown");
         }
@@ -45,7 +63,9 @@ pub async fn notebook_task(config: &Config) -> anyhow::Result<(RunOmegamlJob, No
         .with_context(|| format!("MongoDB {}", mask_url(&config.mongo_url)))?;
     std::fs::create_dir_all(&config.tmp_dir)
         .with_context(|| format!("kernel working directory {}", config.tmp_dir.display()))?;
-    let mut executor_config = ExecutorConfig::new(kernel_launcher(config));
+    let kernels = KernelTracker::new();
+    let launcher = kernel_launcher(config, &kernels);
+    let mut executor_config = ExecutorConfig::new(Arc::clone(&launcher));
     // The Python worker (nbconvert/nbclient defaults) stores one output per
     // iopub message; so do we, for identical results notebooks.
     executor_config.stream_merge = StreamMerge::None;
@@ -63,15 +83,20 @@ pub async fn notebook_task(config: &Config) -> anyhow::Result<(RunOmegamlJob, No
     }
     executor_config.max_total_output_bytes = mib(config.max_output_mb);
     executor_config.max_cell_output_bytes = mib(config.max_cell_output_mb);
-    let executor = Executor::new(executor_config);
+    let executor = Arc::new(Executor::new(executor_config));
     let task = RunOmegamlJob::new(
         store,
-        Arc::new(executor),
+        Arc::clone(&executor),
         &config.mongo_url,
         &config.broker_url,
         config.tmp_dir.clone(),
     );
-    Ok((task, NotebookRuntime { _private: () }))
+    let runtime = NotebookRuntime {
+        executor,
+        launcher,
+        kernels,
+    };
+    Ok((task, runtime))
 }
 
 /// `--kernel-memory-mb` in bytes (the executor and the pool template must agree).
@@ -91,10 +116,11 @@ fn mib(m: u64) -> usize {
 /// pool of ready kernels → executor. The pool's template is what `RunOmegamlJob` asks for
 /// (python3, [`KernelEnv::omega`], cwd `OMEGA_TMP`), so its kernels match every task; other
 /// requests (another kernelspec) bypass the pool and, if not forkable, the fork server.
-fn kernel_launcher(config: &Config) -> Arc<dyn crate::kernel::KernelLauncher> {
+/// Every kernel is registered in `kernels`.
+fn kernel_launcher(config: &Config, kernels: &KernelTracker) -> Arc<dyn KernelLauncher> {
     use crate::kernel::{
-        ForkServerConfig, ForkServerLauncher, KernelEnv, KernelLauncher, LaunchOptions,
-        LocalLauncher, PooledLauncher,
+        ForkServerConfig, ForkServerLauncher, KernelEnv, LaunchOptions, LocalLauncher,
+        PooledLauncher,
     };
     let python = std::path::PathBuf::from(&config.python);
     let env = KernelEnv::omega(&config.mongo_url, Some(&config.broker_url));
@@ -103,9 +129,9 @@ fn kernel_launcher(config: &Config) -> Arc<dyn crate::kernel::KernelLauncher> {
         fs.preload = config.preload.clone();
         fs.env = env.clone();
         fs.cwd = Some(config.tmp_dir.clone());
-        Arc::new(ForkServerLauncher::new(fs))
+        Arc::new(ForkServerLauncher::new(fs, kernels.clone()))
     } else {
-        Arc::new(LocalLauncher::new(python))
+        Arc::new(LocalLauncher::new(python, kernels.clone()))
     };
     let launcher: Arc<dyn KernelLauncher> = if config.kernel_pool > 0 {
         let template = LaunchOptions {
@@ -133,7 +159,5 @@ fn kernel_launcher(config: &Config) -> Arc<dyn crate::kernel::KernelLauncher> {
         kernel_pool = config.kernel_pool,
         "kernel launcher"
     );
-    // Stopped (pool refills, fork server) at the end of run_worker.
-    crate::kernel::register_for_shutdown(&launcher);
     launcher
 }

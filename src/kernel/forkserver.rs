@@ -20,7 +20,8 @@
 //!   as outside input (no `unwrap`, bounded line length);
 //! - the server reports each child's exit status (`waitpid` on SIGCHLD), which feeds the
 //!   kernel's [`KernelProcess`] so the executor sees kernel death as quickly as for a local child;
-//! - kernels lead their own process group and are registered for [`super::kill_all_kernels`];
+//! - kernels lead their own process group and are registered in the launcher's
+//!   [`KernelTracker`];
 //! - when om-worker exits or drops the launcher, the server sees EOF on stdin, SIGKILLs its
 //!   kernels' groups and exits; if the server is SIGKILLed, we SIGKILL its kernels' groups when
 //!   its stdout closes (and ipykernel's parent poller, pointed at the server, ends them within
@@ -49,7 +50,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::kernelspec::{python_prefix, KernelSpec};
 use super::launcher::{kernel_env_vars, PreparedConnection, RuntimeDir};
-use super::process::{KernelExit, KernelProcess};
+use super::process::{KernelExit, KernelProcess, KernelTracker};
 use super::{Kernel, KernelEnv, KernelError, KernelLauncher, LaunchOptions, LocalLauncher};
 
 /// The fork server script, shipped inside the binary so a deployed worker needs no extra file.
@@ -463,9 +464,10 @@ struct Plan {
 
 impl ForkServerLauncher {
     /// A launcher; the server starts on the first forkable launch (or [`Self::start`]).
-    pub fn new(config: ForkServerConfig) -> Self {
+    /// Forked kernels and those of the local fallback are registered in `kernels`.
+    pub fn new(config: ForkServerConfig, kernels: KernelTracker) -> Self {
         ForkServerLauncher {
-            local: LocalLauncher::new(config.python.clone()),
+            local: LocalLauncher::new(config.python.clone(), kernels),
             config,
             slot: tokio::sync::Mutex::new(Slot::default()),
             fallback_logged: AtomicBool::new(false),
@@ -482,6 +484,11 @@ impl ForkServerLauncher {
             local: self.local_launches.load(Ordering::Relaxed),
             server_starts: self.starts.load(Ordering::Relaxed),
         }
+    }
+
+    /// The tracker its kernels (forked or local) are registered in.
+    pub fn kernels(&self) -> &KernelTracker {
+        self.local.kernels()
     }
 
     /// Pid of the running server, if any.
@@ -734,7 +741,7 @@ impl ForkServerLauncher {
             Err(ForkError::Gone) => return Ok(None),
             Err(e) => return Err(e),
         };
-        let process = KernelProcess::external(pid, exit);
+        let process = KernelProcess::external(pid, exit, self.local.kernels());
         tracing::debug!(pid, server = server.pid, "kernel forked");
         match conn.wait_ready(&process, opts).await {
             Ok((client, info)) => {

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use super::client::{Channel, ClientEvent, ConnectionInfo, KernelClient};
 use super::kernelspec::{find_kernelspec, python_prefix, KernelSpec};
-use super::process::{KernelExit, KernelProcess};
+use super::process::{KernelExit, KernelProcess, KernelTracker};
 use super::KernelError;
 
 /// Environment for a kernel process, built per kernel (the worker never mutates its own env).
@@ -144,39 +144,6 @@ pub trait KernelLauncher: Send + Sync {
     async fn shutdown(&self) {}
 }
 
-type Registered = std::sync::Mutex<Vec<std::sync::Arc<dyn KernelLauncher>>>;
-
-fn shutdown_registry() -> &'static Registered {
-    static LAUNCHERS: std::sync::OnceLock<Registered> = std::sync::OnceLock::new();
-    LAUNCHERS.get_or_init(|| std::sync::Mutex::new(Vec::new()))
-}
-
-/// Registers a launcher for [`shutdown_launchers`]. The worker registers the launcher it
-/// builds, so its shutdown path can stop pool refills and the fork server before
-/// [`super::kill_all_kernels`] without having to thread a handle through the task registry.
-/// Held strongly on purpose: the task registry (and with it the executor) is dropped when the
-/// worker loop ends, and an idle pool dropped then would leave its kernels to the final
-/// kill-all sweep instead of an orderly [`KernelLauncher::shutdown`].
-pub fn register_for_shutdown(launcher: &std::sync::Arc<dyn KernelLauncher>) {
-    let mut list = match shutdown_registry().lock() {
-        Ok(l) => l,
-        Err(p) => p.into_inner(),
-    };
-    list.push(std::sync::Arc::clone(launcher));
-}
-
-/// Calls [`KernelLauncher::shutdown`] on every registered launcher (most recent first) and
-/// forgets them.
-pub async fn shutdown_launchers() {
-    let list: Vec<_> = match shutdown_registry().lock() {
-        Ok(mut l) => l.drain(..).collect(),
-        Err(p) => p.into_inner().drain(..).collect(),
-    };
-    for launcher in list.into_iter().rev() {
-        launcher.shutdown().await;
-    }
-}
-
 /// A private directory removed on drop (holds the connection file and ipc sockets).
 #[derive(Debug)]
 pub(crate) struct RuntimeDir(pub(crate) PathBuf);
@@ -280,24 +247,24 @@ impl Kernel {
 #[derive(Debug, Clone)]
 pub struct LocalLauncher {
     /// Python whose `<prefix>/share/jupyter/kernels` is searched and which runs the fallback
-    /// ipykernel (default `python3` from PATH).
+    /// ipykernel (e.g. `python3` from PATH).
     pub python: PathBuf,
-}
-
-impl Default for LocalLauncher {
-    fn default() -> Self {
-        LocalLauncher {
-            python: PathBuf::from("python3"),
-        }
-    }
+    /// Where the kernels it starts are registered (see [`KernelTracker`]).
+    kernels: KernelTracker,
 }
 
 impl LocalLauncher {
-    /// A launcher for kernels of `python`.
-    pub fn new(python: impl Into<PathBuf>) -> Self {
+    /// A launcher for kernels of `python`, registering them in `kernels`.
+    pub fn new(python: impl Into<PathBuf>, kernels: KernelTracker) -> Self {
         LocalLauncher {
             python: python.into(),
+            kernels,
         }
+    }
+
+    /// The tracker its kernels are registered in.
+    pub fn kernels(&self) -> &KernelTracker {
+        &self.kernels
     }
 
     /// Resolves the kernelspec for `name` (see [`find_kernelspec`]).
@@ -517,7 +484,7 @@ impl KernelLauncher for LocalLauncher {
         let child = cmd
             .spawn()
             .map_err(|e| KernelError::Startup(format!("spawn {}: {e}", argv[0])))?;
-        let process = KernelProcess::adopt(child)
+        let process = KernelProcess::adopt(child, &self.kernels)
             .map_err(|e| KernelError::Startup(format!("adopt kernel: {e}")))?;
 
         match conn.wait_ready(&process, opts).await {

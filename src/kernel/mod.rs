@@ -4,7 +4,8 @@
 //! - [`wire`]: Jupyter messages ⇄ ZeroMQ frames (HMAC-SHA256), raw JSON content;
 //! - [`client`]: [`KernelClient`], shell/control/iopub channels as one event stream;
 //! - [`kernelspec`]: kernelspec discovery;
-//! - [`process`]: process groups, exit watching, [`kill_all_kernels`] for SIGTERM handlers;
+//! - [`process`]: process groups, exit watching, the [`KernelTracker`] that ends every kernel
+//!   at shutdown;
 //! - [`launcher`]: the [`KernelLauncher`] trait and [`LocalLauncher`];
 //! - [`forkserver`]: [`ForkServerLauncher`], kernels forked from a Python that has already
 //!   imported ipykernel and omegaml (falls back to [`LocalLauncher`]);
@@ -24,11 +25,11 @@ pub use client::{Channel, ClientEvent, ConnectionInfo, KernelClient};
 pub use forkserver::{ForkServerConfig, ForkServerLauncher};
 pub use kernelspec::{find_kernelspec, KernelSpec};
 pub use launcher::{
-    register_for_shutdown, shutdown_launchers, sweep_stale_runtime_dirs, Kernel, KernelEnv,
-    KernelLauncher, LaunchOptions, LocalLauncher, Transport,
+    sweep_stale_runtime_dirs, Kernel, KernelEnv, KernelLauncher, LaunchOptions, LocalLauncher,
+    Transport,
 };
 pub use pool::{PoolStats, PooledLauncher};
-pub use process::{kill_all_kernels, live_kernel_groups, KernelExit, KernelProcess};
+pub use process::{KernelExit, KernelProcess, KernelTracker};
 pub use wire::Message;
 
 /// Kernel-level failures (the executor maps them into its run errors).

@@ -15,10 +15,11 @@
 //! - every take (and every discarded or failed start) wakes the refill task, which keeps
 //!   `ready + starting == size`; repeated start failures back off up to 30 s;
 //! - a 1 s sweep drops idle kernels that died (OOM killer, `kill`), so the pool refills them;
-//! - [`KernelLauncher::shutdown`] (and [`shutdown_launchers`](super::shutdown_launchers)) stops
-//!   refilling, kills the idle kernels, kills kernels that finish starting afterwards, and shuts
-//!   the wrapped launcher down. Idle kernels are registered like any kernel, so
-//!   [`super::kill_all_kernels`] reaches them too.
+//! - [`KernelLauncher::shutdown`] stops refilling, kills the idle kernels, kills kernels that
+//!   finish starting afterwards, and shuts the wrapped launcher down. Idle kernels are
+//!   registered like any kernel, in the [`KernelTracker`](super::KernelTracker) of the wrapped
+//!   launcher, so its [`kill_all`](super::KernelTracker::kill_all) reaches them too (the pool
+//!   starts no process itself and so needs no tracker of its own).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

@@ -1,4 +1,4 @@
-//! Kernel processes: own process group, exit watching, and a registry of live groups.
+//! Kernel processes: own process group, exit watching, and a tracker of live groups.
 //!
 //! Every kernel is started as the leader of a new process group, so one `killpg` reaches the
 //! kernel and anything its cells spawned (subprocesses, multiprocessing workers). Three layers
@@ -6,15 +6,17 @@
 //! 1. [`KernelProcess::shutdown`]/[`KernelProcess::kill`] on the normal paths;
 //! 2. a drop guard that SIGKILLs the group if a `KernelProcess` is dropped on any other path
 //!    (panic, cancelled future);
-//! 3. the global registry and [`kill_all_kernels`] for the worker's SIGTERM handler, because
-//!    drop guards do not run when the process exits.
+//! 3. a [`KernelTracker`] and its [`KernelTracker::kill_all`] for the owner's shutdown and
+//!    SIGTERM paths, because drop guards do not run when the process exits. The owner (the
+//!    worker's notebook runtime, `run-notebook`) creates the tracker and hands it to the
+//!    launchers it builds; every kernel they start registers in it.
 //!    In addition the launcher sets `JPY_PARENT_PID`, so ipykernel exits by itself within about a
 //!    second if the worker dies by SIGKILL.
 
 use std::collections::HashMap;
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use nix::sys::signal::{killpg, Signal};
@@ -55,36 +57,63 @@ impl From<ExitStatus> for KernelExit {
     }
 }
 
-fn registry() -> &'static Mutex<HashMap<u64, i32>> {
-    static LIVE: OnceLock<Mutex<HashMap<u64, i32>>> = OnceLock::new();
-    LIVE.get_or_init(|| Mutex::new(HashMap::new()))
+/// The process groups of the live kernels started through the launchers that share it.
+///
+/// Exists because drop guards do not run when the process exits: whoever owns the kernels
+/// (the worker's notebook runtime, `run-notebook`) calls [`KernelTracker::kill_all`] on its way
+/// out (after a SIGTERM too), so no kernel outlives it. Created by that owner and passed to the
+/// launchers at construction ([`super::LocalLauncher::new`],
+/// [`super::ForkServerLauncher::new`]); a pool reaches its kernels through the launcher it wraps.
+/// Cheap to clone; clones share the same set.
+#[derive(Debug, Clone, Default)]
+pub struct KernelTracker {
+    inner: Arc<TrackerInner>,
 }
 
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+#[derive(Debug, Default)]
+struct TrackerInner {
+    /// Registration id → process group id. Ids, not pgids, are the keys: a pgid can be reused
+    /// by the OS once its group is gone and a stale entry must not unregister a new kernel.
+    live: Mutex<HashMap<u64, i32>>,
+    next_id: AtomicU64,
+}
 
-/// SIGKILLs the process groups of all kernels started by this process that are still live.
-/// Meant for the worker's SIGTERM/SIGINT handler (drop guards do not run on `exit`). Returns how
-/// many groups were signalled. Safe to call more than once and from any thread.
-pub fn kill_all_kernels() -> usize {
-    let groups: Vec<i32> = match registry().lock() {
-        Ok(mut map) => map.drain().map(|(_, pgid)| pgid).collect(),
-        Err(poisoned) => poisoned
-            .into_inner()
-            .drain()
-            .map(|(_, pgid)| pgid)
-            .collect(),
-    };
-    for pgid in &groups {
-        let _ = killpg(Pid::from_raw(*pgid), Signal::SIGKILL);
+impl KernelTracker {
+    /// An empty tracker.
+    pub fn new() -> Self {
+        KernelTracker::default()
     }
-    groups.len()
-}
 
-/// Process-group ids of live kernels (for diagnostics and tests).
-pub fn live_kernel_groups() -> Vec<i32> {
-    match registry().lock() {
-        Ok(map) => map.values().copied().collect(),
-        Err(poisoned) => poisoned.into_inner().values().copied().collect(),
+    fn live(&self) -> MutexGuard<'_, HashMap<u64, i32>> {
+        self.inner.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn register(&self, pgid: i32) -> u64 {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        self.live().insert(id, pgid);
+        id
+    }
+
+    /// Forgets registration `id`; true when it was still registered.
+    fn unregister(&self, id: u64) -> bool {
+        self.live().remove(&id).is_some()
+    }
+
+    /// SIGKILLs the process groups of all tracked kernels that are still live and forgets them.
+    /// Meant for the owner's shutdown and SIGTERM/SIGINT paths (drop guards do not run on
+    /// `exit`). Returns how many groups were signalled. Safe to call more than once and from
+    /// any thread.
+    pub fn kill_all(&self) -> usize {
+        let groups: Vec<i32> = self.live().drain().map(|(_, pgid)| pgid).collect();
+        for pgid in &groups {
+            let _ = killpg(Pid::from_raw(*pgid), Signal::SIGKILL);
+        }
+        groups.len()
+    }
+
+    /// Process-group ids of the tracked live kernels (for diagnostics and tests).
+    pub fn live_groups(&self) -> Vec<i32> {
+        self.live().values().copied().collect()
     }
 }
 
@@ -95,6 +124,7 @@ pub fn live_kernel_groups() -> Vec<i32> {
 /// exit status arrives as a message). Both are signalled the same way, by process group.
 #[derive(Debug)]
 pub struct KernelProcess {
+    tracker: KernelTracker,
     id: u64,
     pid: i32,
     exit: watch::Receiver<Option<KernelExit>>,
@@ -102,16 +132,14 @@ pub struct KernelProcess {
 }
 
 impl KernelProcess {
-    /// Takes ownership of a child started with `process_group(0)` and registers its group.
-    pub fn adopt(mut child: Child) -> std::io::Result<Self> {
+    /// Takes ownership of a child started with `process_group(0)` and registers its group in
+    /// `tracker`.
+    pub fn adopt(mut child: Child, tracker: &KernelTracker) -> std::io::Result<Self> {
         let pid = child
             .id()
             .ok_or_else(|| std::io::Error::other("kernel exited before it could be adopted"))?
             as i32;
-        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut map) = registry().lock() {
-            map.insert(id, pid);
-        }
+        let id = tracker.register(pid);
         let (tx, exit) = watch::channel(None);
         let reaper = tokio::spawn(async move {
             let status = match child.wait().await {
@@ -121,6 +149,7 @@ impl KernelProcess {
             let _ = tx.send(Some(status));
         });
         Ok(KernelProcess {
+            tracker: tracker.clone(),
             id,
             pid,
             exit,
@@ -130,14 +159,16 @@ impl KernelProcess {
 
     /// A kernel that is not our child (it was forked by the fork server, which reaps it):
     /// `pid` must lead its own process group (the fork server's child calls `setsid()`), and
-    /// `exit` must receive its status when it ends. Registers the group for
-    /// [`kill_all_kernels`] like [`KernelProcess::adopt`].
-    pub fn external(pid: i32, exit: watch::Receiver<Option<KernelExit>>) -> Self {
-        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut map) = registry().lock() {
-            map.insert(id, pid);
-        }
+    /// `exit` must receive its status when it ends. Registers the group in `tracker` like
+    /// [`KernelProcess::adopt`].
+    pub fn external(
+        pid: i32,
+        exit: watch::Receiver<Option<KernelExit>>,
+        tracker: &KernelTracker,
+    ) -> Self {
+        let id = tracker.register(pid);
         KernelProcess {
+            tracker: tracker.clone(),
             id,
             pid,
             exit,
@@ -207,19 +238,15 @@ impl KernelProcess {
     }
 
     fn unregister(&self) {
-        if let Ok(mut map) = registry().lock() {
-            map.remove(&self.id);
-        }
+        self.tracker.unregister(self.id);
     }
 }
 
 impl Drop for KernelProcess {
     fn drop(&mut self) {
-        let registered = match registry().lock() {
-            Ok(mut map) => map.remove(&self.id).is_some(),
-            Err(_) => true,
-        };
-        if registered {
+        // Still registered: nobody killed it, and `kill_all` has not signalled its group either
+        // (it forgets what it signals, so a reused pgid is never hit twice).
+        if self.tracker.unregister(self.id) {
             // Abnormal path (no explicit kill): make sure the group dies. The reaper task keeps
             // running and reaps the leader.
             let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);

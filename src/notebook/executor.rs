@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use super::model::{Cell, Notebook};
 use crate::kernel::{
     Channel, ClientEvent, Kernel, KernelEnv, KernelError, KernelExit, KernelLauncher,
-    LaunchOptions, LocalLauncher, Message, Transport,
+    KernelTracker, LaunchOptions, LocalLauncher, Message, Transport,
 };
 
 /// How consecutive `stream` messages become outputs (see module docs).
@@ -90,7 +90,7 @@ pub struct ExecutorConfig {
     /// the background (default false). ipykernel's orderly shutdown takes about
     /// 0.5 s of mostly waiting; a worker should not hold a task slot (and the
     /// task's result) for it. The kernel still gets its `shutdown_request` and
-    /// grace; [`wait_background_shutdowns`] waits for the stragglers.
+    /// grace; [`Executor::wait_background_shutdowns`] waits for the stragglers.
     pub background_shutdown: bool,
 }
 
@@ -130,9 +130,9 @@ impl ExecutorConfig {
         }
     }
 
-    /// Defaults with a [`LocalLauncher`] for `python`.
-    pub fn local(python: impl Into<PathBuf>) -> Self {
-        ExecutorConfig::new(Arc::new(LocalLauncher::new(python)))
+    /// Defaults with a [`LocalLauncher`] for `python` that registers its kernels in `kernels`.
+    pub fn local(python: impl Into<PathBuf>, kernels: KernelTracker) -> Self {
+        ExecutorConfig::new(Arc::new(LocalLauncher::new(python, kernels)))
     }
 }
 
@@ -329,27 +329,14 @@ impl RunOutcome {
     }
 }
 
-/// Runs notebooks. Cheap to clone; every run gets a fresh kernel from the launcher.
+/// Runs notebooks. Cheap to clone; every run gets a fresh kernel from the launcher. Clones
+/// share the launcher and the background shutdowns.
 #[derive(Debug, Clone)]
 pub struct Executor {
     config: ExecutorConfig,
-}
-
-/// Kernels being shut down after their run returned (see
-/// [`ExecutorConfig::background_shutdown`]).
-static BACKGROUND_SHUTDOWNS: std::sync::LazyLock<tokio_util::task::TaskTracker> =
-    std::sync::LazyLock::new(tokio_util::task::TaskTracker::new);
-
-/// Waits (at most `within`) until every kernel shut down in the background
-/// has exited; returns false if some had not. Kernels left over are killed
-/// with their process groups by `kill_all_kernels` at worker exit.
-pub async fn wait_background_shutdowns(within: Duration) -> bool {
-    BACKGROUND_SHUTDOWNS.close();
-    let done = tokio::time::timeout(within, BACKGROUND_SHUTDOWNS.wait())
-        .await
-        .is_ok();
-    BACKGROUND_SHUTDOWNS.reopen();
-    done
+    /// Kernels being shut down after their run returned (see
+    /// [`ExecutorConfig::background_shutdown`]), so the owner can wait for them at exit.
+    background_shutdowns: tokio_util::task::TaskTracker,
 }
 
 /// State shared across the cells of one run.
@@ -382,7 +369,22 @@ enum Stop {
 impl Executor {
     /// An executor with this configuration.
     pub fn new(config: ExecutorConfig) -> Self {
-        Executor { config }
+        Executor {
+            config,
+            background_shutdowns: tokio_util::task::TaskTracker::new(),
+        }
+    }
+
+    /// Waits (at most `within`) until every kernel this executor (or a clone) shut down in
+    /// the background has exited; returns false if some had not. Kernels left over are killed
+    /// with their process groups by the owner's [`KernelTracker::kill_all`].
+    pub async fn wait_background_shutdowns(&self, within: Duration) -> bool {
+        self.background_shutdowns.close();
+        let done = tokio::time::timeout(within, self.background_shutdowns.wait())
+            .await
+            .is_ok();
+        self.background_shutdowns.reopen();
+        done
     }
 
     /// The configuration.
@@ -529,7 +531,7 @@ impl Executor {
             Duration::ZERO
         };
         let kernel_exit = if graceful && self.config.background_shutdown {
-            BACKGROUND_SHUTDOWNS.spawn(async move {
+            self.background_shutdowns.spawn(async move {
                 kernel.shutdown(grace).await;
             });
             None

@@ -7,10 +7,12 @@
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
 //! use std::time::Duration;
-//! use om_worker::kernel::{kill_all_kernels, KernelEnv};
+//! use om_worker::kernel::{KernelEnv, KernelTracker};
 //! use om_worker::notebook::{Executor, ExecutorConfig, Notebook, RunOptions};
 //!
-//! let mut config = ExecutorConfig::local("/opt/venv/bin/python");
+//! // Every kernel the executor starts is registered here, for the shutdown path.
+//! let kernels = KernelTracker::new();
+//! let mut config = ExecutorConfig::local("/opt/venv/bin/python", kernels.clone());
 //! config.env = KernelEnv::omega("mongodb://db:27017/omega", Some("amqp://broker//"));
 //! config.cwd = Some("/tmp".into()); // OMEGA_TMP
 //! let executor = Executor::new(config);
@@ -27,7 +29,7 @@
 //! #   let _ = (message, text);
 //! }
 //! // in the SIGTERM handler:
-//! kill_all_kernels();
+//! kernels.kill_all();
 //! # Ok(()) }
 //! ```
 

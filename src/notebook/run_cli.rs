@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use super::executor::{Executor, ExecutorConfig, Progress, RunError, RunOptions};
 use super::model::Notebook;
-use crate::kernel::kill_all_kernels;
+use crate::kernel::KernelTracker;
 
 /// Arguments of `run-notebook` (mirrors `cli::RunNotebookFlags`).
 #[derive(Debug, Clone, Default)]
@@ -69,7 +69,10 @@ pub async fn run_notebook_command(args: RunNotebookArgs) -> anyhow::Result<ExitC
     let nb =
         Notebook::read(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
     let python = args.python.clone().unwrap_or_else(|| "python3".into());
-    let config = ExecutorConfig::local(PathBuf::from(&python));
+    // Every kernel of this run, so the SIGTERM/SIGINT paths below can kill them (and say how
+    // many) before the process exits.
+    let kernels = KernelTracker::new();
+    let config = ExecutorConfig::local(PathBuf::from(&python), kernels.clone());
     let executor = Executor::new(config);
 
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -128,12 +131,12 @@ pub async fn run_notebook_command(args: RunNotebookArgs) -> anyhow::Result<ExitC
     let outcome = tokio::select! {
         o = &mut run => o,
         _ = sigterm.recv() => {
-            let n = kill_all_kernels();
+            let n = kernels.kill_all();
             say!("[run-notebook] SIGTERM: killed {n} kernel process group(s)");
             return Ok(ExitCode::from(143));
         }
         _ = tokio::signal::ctrl_c() => {
-            let n = kill_all_kernels();
+            let n = kernels.kill_all();
             say!("[run-notebook] interrupted: killed {n} kernel process group(s)");
             return Ok(ExitCode::from(130));
         }
