@@ -13,6 +13,10 @@ use serde::Deserialize;
 use crate::cli::{LogFormat, WorkerFlags};
 use crate::redact::mask_url;
 
+/// The `result_serializer` setting's type; it lives with the result codec
+/// that uses it (re-exported so settings code keeps its path).
+pub use crate::protocol::result_codec::Serializer;
+
 /// omega|ml's default broker (`omegaml/defaults.py`).
 pub const DEFAULT_BROKER: &str = "amqp://admin:foobar@localhost:5672//";
 /// omega|ml's default MongoDB URL.
@@ -45,39 +49,6 @@ pub enum ConfigError {
         /// What is wrong with it.
         reason: String,
     },
-}
-
-/// How stored results are encoded where the reader has no content type to
-/// go by (redis and mongodb backends): the client decodes them with its own
-/// `result_serializer`, which omega|ml sets to pickle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Serializer {
-    /// Python pickle (protocol 2), plain values only.
-    Pickle,
-    /// JSON with kombu's wrappers.
-    Json,
-}
-
-impl std::str::FromStr for Serializer {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "pickle" => Ok(Serializer::Pickle),
-            "json" => Ok(Serializer::Json),
-            other => Err(format!("expected `pickle` or `json`, got {other:?}")),
-        }
-    }
-}
-
-impl Serializer {
-    /// The Celery name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Serializer::Pickle => "pickle",
-            Serializer::Json => "json",
-        }
-    }
 }
 
 /// What to do with task names no handler is registered for.

@@ -4,7 +4,7 @@
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 
-use om_worker::backend::{encode_meta, encode_result, Serializer};
+use om_worker::protocol::result_codec::{encode_meta, encode_result, Serializer};
 use om_worker::protocol::{ExceptionInfo, ResultMeta, Value};
 
 fn python() -> std::path::PathBuf {

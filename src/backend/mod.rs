@@ -4,6 +4,8 @@
 //! exactly what Celery's Python backend of the same name writes:
 //! [`rpc`] (messages to the client's reply queue), [`redis`] (`SETEX` +
 //! `PUBLISH` of `celery-task-meta-<id>`) and [`mongodb`] (`celery_taskmeta`).
+//! Backends only do I/O: what bytes they write comes from
+//! [`crate::protocol::result_codec`], the one result encoder.
 
 pub mod memory;
 pub mod mongodb;
@@ -15,8 +17,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::broker::Broker;
-pub use crate::config::Serializer;
-use crate::protocol::{ResultMeta, Value};
+use crate::protocol::result_codec::Serializer;
+use crate::protocol::ResultMeta;
 
 /// Errors from storing a result.
 #[derive(Debug, thiserror::Error)]
@@ -57,76 +59,6 @@ pub trait ResultBackend: Send + Sync {
 
     /// Short name for logs.
     fn name(&self) -> &'static str;
-}
-
-/// Encodes a value with the configured result serializer.
-pub fn encode(serializer: Serializer, v: &Value) -> Vec<u8> {
-    match serializer {
-        Serializer::Pickle => crate::protocol::pickle::encode(v),
-        Serializer::Json => crate::protocol::json::encode(v),
-    }
-}
-
-/// Content type and encoding of a serializer's bytes.
-pub fn content_type(serializer: Serializer) -> (&'static str, &'static str) {
-    match serializer {
-        Serializer::Pickle => ("application/x-python-serialize", "binary"),
-        Serializer::Json => ("application/json", "utf-8"),
-    }
-}
-
-/// Whether a state carries an exception as its result (Celery's EXCEPTION_STATES).
-fn is_exception_state(meta: &ResultMeta) -> bool {
-    matches!(
-        meta.status,
-        crate::protocol::State::Failure
-            | crate::protocol::State::Revoked
-            | crate::protocol::State::Retry
-    )
-}
-
-/// The whole meta dict as the backend stores or sends it. Under pickle an
-/// exception is a pickled instance of its class, as a Python worker writes it
-/// (for classes every client can import; others stay Celery's exception dict).
-pub fn encode_meta(serializer: Serializer, meta: &ResultMeta) -> Vec<u8> {
-    let v = meta_value(meta);
-    match serializer {
-        Serializer::Pickle if is_exception_state(meta) => {
-            crate::protocol::pickle::encode_with_exception(&v, "result")
-        }
-        _ => encode(serializer, &v),
-    }
-}
-
-/// Only the result value (the MongoDB backend's `result` field), exceptions as above.
-pub fn encode_result(serializer: Serializer, meta: &ResultMeta) -> Vec<u8> {
-    match serializer {
-        Serializer::Pickle => {
-            crate::protocol::pickle::encode_result(&meta.result, is_exception_state(meta))
-        }
-        Serializer::Json => encode(serializer, &meta.result),
-    }
-}
-
-/// The meta dict exactly as Celery's key-value backends store it
-/// (`_get_result_meta` + `task_id`; `date_done` an ISO string).
-pub fn meta_value(meta: &ResultMeta) -> Value {
-    Value::dict([
-        ("status", Value::from(meta.status.as_str())),
-        ("result", meta.result.clone()),
-        (
-            "traceback",
-            meta.traceback.clone().map_or(Value::None, Value::Str),
-        ),
-        ("children", Value::List(meta.children.clone())),
-        (
-            "date_done",
-            meta.date_done.map_or(Value::None, |d| {
-                Value::Str(d.to_rfc3339_opts(chrono::SecondsFormat::Micros, false))
-            }),
-        ),
-        ("task_id", Value::from(meta.task_id.as_str())),
-    ])
 }
 
 /// Builds the backend a URL names. `rpc://` publishes through `broker`;

@@ -12,7 +12,8 @@ use async_trait::async_trait;
 use mongodb::bson::{doc, spec::BinarySubtype, Binary, Bson, Document};
 use mongodb::{Client, Collection};
 
-use super::{BackendError, ReplyTarget, ResultBackend, Serializer};
+use super::{BackendError, ReplyTarget, ResultBackend};
+use crate::protocol::result_codec::{self, Serializer};
 use crate::protocol::ResultMeta;
 
 /// Celery's MongoDB result backend.
@@ -72,7 +73,7 @@ impl ResultBackend for MongoBackend {
     async fn store(&self, meta: &ResultMeta, _target: &ReplyTarget) -> Result<(), BackendError> {
         let result = Bson::Binary(Binary {
             subtype: BinarySubtype::Generic,
-            bytes: super::encode_result(self.serializer, meta),
+            bytes: result_codec::encode_result(self.serializer, meta),
         });
         let date_done = match meta.date_done {
             Some(d) => Bson::DateTime(mongodb::bson::DateTime::from_millis(d.timestamp_millis())),

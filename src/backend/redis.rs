@@ -11,7 +11,8 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::time::Duration;
 
-use super::{BackendError, ReplyTarget, ResultBackend, Serializer};
+use super::{BackendError, ReplyTarget, ResultBackend};
+use crate::protocol::result_codec::{self, Serializer};
 use crate::protocol::ResultMeta;
 
 /// `SETEX` + `PUBLISH` unless a SUCCESS is already stored. The stored value
@@ -88,7 +89,7 @@ fn manager_config() -> ConnectionManagerConfig {
 #[async_trait]
 impl ResultBackend for RedisBackend {
     async fn store(&self, meta: &ResultMeta, _target: &ReplyTarget) -> Result<(), BackendError> {
-        let payload = super::encode_meta(self.serializer, meta);
+        let payload = result_codec::encode_meta(self.serializer, meta);
         let mut conn = self.conn.clone();
         let _: i64 = self
             .script

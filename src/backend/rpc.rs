@@ -1,9 +1,10 @@
 //! `rpc://`: each state is a message to the client's reply queue.
 //!
 //! As Celery's `RPCBackend`: default exchange `""`, routing key = the task
-//! message's `reply_to`, `correlation_id` = task id, delivery mode 1, no
-//! headers, priority 0, encoded with the configured result serializer
-//! (omega|ml: pickle; its clients accept json too). The reply queue belongs to
+//! message's `reply_to`; the message itself (`correlation_id` = task id,
+//! delivery mode 1, no headers, priority 0, the configured result serializer —
+//! omega|ml: pickle; its clients accept json too) is
+//! [`result_codec::rpc_reply`]'s. The reply queue belongs to
 //! the client; we never declare it, and a message without `reply_to` has
 //! nowhere to send to.
 
@@ -11,9 +12,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::{BackendError, ReplyTarget, ResultBackend, Serializer};
+use super::{BackendError, ReplyTarget, ResultBackend};
 use crate::broker::Broker;
-use crate::protocol::{Outgoing, ResultMeta};
+use crate::protocol::result_codec::{self, Serializer};
+use crate::protocol::ResultMeta;
 
 /// Publishes results through the task broker.
 pub struct RpcBackend {
@@ -35,16 +37,7 @@ impl ResultBackend for RpcBackend {
             tracing::debug!(task_id = %meta.task_id, "rpc:// result has no reply_to; not sent");
             return Ok(());
         };
-        let (content_type, content_encoding) = super::content_type(self.serializer);
-        let msg = Outgoing {
-            body: super::encode_meta(self.serializer, meta),
-            content_type: content_type.into(),
-            content_encoding: content_encoding.into(),
-            correlation_id: Some(meta.task_id.clone()),
-            priority: Some(0),
-            delivery_mode: 1,
-            ..Default::default()
-        };
+        let msg = result_codec::rpc_reply(self.serializer, meta);
         self.broker
             .publish("", reply_to, msg)
             .await

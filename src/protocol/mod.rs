@@ -3,8 +3,9 @@
 //! Nothing here touches a socket (compare mini-redis's `frame.rs`): brokers hand
 //! over a [`RawMessage`] (body bytes plus properties and headers, whatever the
 //! transport), [`decode_task`] turns it into a [`TaskMessage`], and
-//! [`result`] encodes what the result backends publish. Every decoder returns a
-//! [`DecodeError`] that names what was wrong; none of them panics on any input.
+//! [`result_codec`] encodes the [`ResultMeta`] the result backends store or
+//! publish. Every decoder returns a [`DecodeError`] that names what was wrong;
+//! none of them panics on any input.
 //!
 //! | module | what |
 //! |---|---|
@@ -15,6 +16,7 @@
 //! | [`envelope`] | kombu's Redis envelope (base64 body, properties, delivery tag) |
 //! | [`message`] | Celery protocol v2 and v1 → [`TaskMessage`] |
 //! | [`result`] | result metadata (STARTED/SUCCESS/FAILURE/REVOKED) and exception payloads |
+//! | [`result_codec`] | [`ResultMeta`] → the bytes/messages result backends write, per [`Serializer`] |
 
 pub mod compression;
 pub mod envelope;
@@ -23,6 +25,7 @@ pub mod message;
 pub mod pickle;
 pub mod publish;
 pub mod result;
+pub mod result_codec;
 pub mod value;
 
 pub use message::{
@@ -30,4 +33,5 @@ pub use message::{
     Outgoing, RawMessage, TaskMessage,
 };
 pub use result::{ExceptionInfo, ResultMeta, State};
+pub use result_codec::Serializer;
 pub use value::Value;

@@ -1776,71 +1776,67 @@ pub fn encode(v: &Value) -> Vec<u8> {
     out
 }
 
-/// Modules whose exception classes every omega|ml client can import, so a
-/// pickled instance of them loads there. Anything else stays the exception
-/// dict, which Celery clients turn into a synthesised class.
-const CLIENT_EXCEPTION_MODULES: [&str; 4] = [
-    "builtins",
-    "celery.exceptions",
-    "billiard.exceptions",
-    "kombu.exceptions",
-];
+/// A call `module.name(*args)` written in place of a value: what pickle
+/// writes for an object whose `__reduce__` returns `(cls, args)`, e.g. an
+/// exception instance (`BaseException.__reduce__`). Python's unpickler
+/// imports `module.name` and calls it; this crate's decoder refuses any such
+/// global outside its allow-list, so only callers that know the reader can
+/// import the class should build one (see
+/// [`super::result_codec`] for Celery exceptions).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reduce<'a> {
+    module: &'a str,
+    name: &'a str,
+    args: &'a [Value],
+}
 
-/// Encodes `value` like [`encode`], except that a Celery exception dict
-/// (`{"exc_type", "exc_message", "exc_module"}` of an importable class) at
-/// the top-level key `exception_key` becomes a pickled exception instance,
-/// `module.Type(*exc_message)` — what a Python worker's pickle result
-/// serializer writes for FAILURE and REVOKED states. This only ever writes a
-/// global from [`CLIENT_EXCEPTION_MODULES`]; decoding stays allow-listed.
-pub fn encode_with_exception(value: &Value, exception_key: &str) -> Vec<u8> {
-    let Value::Dict(items) = value else {
-        return encode(value);
-    };
-    let mut out = vec![PROTO, 4, EMPTY_DICT, MARK];
-    for (k, v) in items {
-        encode_into(k, &mut out);
-        match (k.as_str() == Some(exception_key), exception_parts(v)) {
-            (true, Some((module, name, args))) => {
-                put_global(&mut out, module, name);
-                encode_into(&Value::Tuple(args.to_vec()), &mut out);
-                out.push(REDUCE);
-            }
-            _ => encode_into(v, &mut out),
-        }
+impl<'a> Reduce<'a> {
+    /// `module.name(*args)`, or `None` when `module` is not a dotted ASCII
+    /// name or `name` not a plain ASCII identifier: pickle's `GLOBAL` opcode
+    /// is newline-terminated text, so anything else could not be written
+    /// faithfully (or would smuggle in further opcodes).
+    pub fn new(module: &'a str, name: &'a str, args: &'a [Value]) -> Option<Self> {
+        let word =
+            |s: &str| !s.is_empty() && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_');
+        (word(name) && module.split('.').all(word)).then_some(Reduce { module, name, args })
     }
-    out.push(SETITEMS);
+
+    fn encode_into(&self, out: &mut Vec<u8>) {
+        put_global(out, self.module, self.name);
+        encode_into(&Value::Tuple(self.args.to_vec()), out);
+        out.push(REDUCE);
+    }
+}
+
+/// Encodes one [`Reduce`] call as a whole pickle, framed like [`encode`].
+pub fn encode_reduce(call: &Reduce<'_>) -> Vec<u8> {
+    let mut out = vec![PROTO, 4];
+    call.encode_into(&mut out);
     out.push(STOP);
     out
 }
 
-/// Encodes a task's result value; when `exception` and `value` is an
-/// importable Celery exception dict, as a pickled exception instance (what
-/// Celery's MongoDB backend stores for failures under pickle).
-pub fn encode_result(value: &Value, exception: bool) -> Vec<u8> {
-    match exception_parts(value).filter(|_| exception) {
-        Some((module, name, args)) => {
-            let mut out = vec![PROTO, 4];
-            put_global(&mut out, module, name);
-            encode_into(&Value::Tuple(args.to_vec()), &mut out);
-            out.push(REDUCE);
-            out.push(STOP);
-            out
+/// Encodes a dict exactly as [`encode`] encodes `Value::Dict(items)`, except
+/// that each value for which `call_for(key, value)` returns a [`Reduce`] is
+/// written as that call instead.
+pub fn encode_dict_with<'v>(
+    items: &'v [(Value, Value)],
+    call_for: impl Fn(&'v Value, &'v Value) -> Option<Reduce<'v>>,
+) -> Vec<u8> {
+    let mut out = vec![PROTO, 4, EMPTY_DICT];
+    for chunk in items.chunks(1000) {
+        out.push(MARK);
+        for (k, v) in chunk {
+            encode_into(k, &mut out);
+            match call_for(k, v) {
+                Some(call) => call.encode_into(&mut out),
+                None => encode_into(v, &mut out),
+            }
         }
-        None => encode(value),
+        out.push(SETITEMS);
     }
-}
-
-fn exception_parts(v: &Value) -> Option<(&str, &str, &[Value])> {
-    let d = v.as_dict()?;
-    if d.len() != 3 {
-        return None;
-    }
-    let module = v.get("exc_module")?.as_str()?;
-    let name = v.get("exc_type")?.as_str()?;
-    let args = v.get("exc_message")?.as_seq()?;
-    let plain_name =
-        !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-    (CLIENT_EXCEPTION_MODULES.contains(&module) && plain_name).then_some((module, name, args))
+    out.push(STOP);
+    out
 }
 
 fn put_global(out: &mut Vec<u8>, module: &str, name: &str) {
@@ -2139,5 +2135,57 @@ mod tests {
             Value::Decimal("1.10".into()),
         ]);
         assert_eq!(decode(&encode(&v)), Ok(v));
+    }
+
+    #[test]
+    fn reduce_names_must_be_writable_as_a_global() {
+        let args = [Value::from("x")];
+        assert!(Reduce::new("celery.exceptions", "NotRegistered", &args).is_some());
+        for (module, name) in [
+            ("builtins", ""),
+            ("builtins", "A.B"),
+            ("builtins", "A\nB"),
+            ("", "A"),
+            ("a..b", "A"),
+            ("os\nsystem", "A"),
+        ] {
+            assert!(
+                Reduce::new(module, name, &args).is_none(),
+                "{module:?} {name:?}"
+            );
+        }
+        let call = Reduce::new("builtins", "ValueError", &args).expect("plain names");
+        // GLOBAL `builtins\nValueError\n`, ('x',), REDUCE.
+        assert_eq!(
+            encode_reduce(&call),
+            b"\x80\x04cbuiltins\nValueError\n\x8c\x01x\x85R.".to_vec()
+        );
+    }
+
+    #[test]
+    fn encode_dict_with_no_calls_is_encode() {
+        for n in [0_i64, 1, 6, 1000, 1001, 2500] {
+            let items: Vec<(Value, Value)> =
+                (0..n).map(|i| (Value::Int(i), Value::Int(-i))).collect();
+            assert_eq!(
+                encode_dict_with(&items, |_, _| None),
+                encode(&Value::Dict(items.clone())),
+                "{n} items"
+            );
+        }
+        let items = vec![
+            (Value::from("e"), Value::None),
+            (Value::from("k"), Value::Int(1)),
+        ];
+        let args = [Value::Int(7)];
+        let with_call = encode_dict_with(&items, |k, _| {
+            (k.as_str() == Some("e"))
+                .then(|| Reduce::new("builtins", "KeyError", &args))
+                .flatten()
+        });
+        assert_eq!(
+            with_call,
+            b"\x80\x04}(\x8c\x01ecbuiltins\nKeyError\nK\x07\x85R\x8c\x01kK\x01u.".to_vec()
+        );
     }
 }

@@ -1,7 +1,9 @@
-//! Result metadata as Celery's backends store and publish it.
+//! Result metadata: the task states the worker reports, as a model.
+//!
+//! How a [`ResultMeta`] becomes the bytes a backend stores or publishes is
+//! [`super::result_codec`]'s business (one place, per serializer).
 
 use chrono::{DateTime, Utc};
-use serde_json::json;
 
 use super::value::Value;
 
@@ -180,95 +182,5 @@ impl ResultMeta {
             children: Vec::new(),
             date_done: Some(Utc::now()),
         }
-    }
-
-    /// `date_done` as Python's `datetime.now(timezone.utc).isoformat()`:
-    /// `2026-11-22T02:59:39.456332+00:00` (microseconds dropped when zero).
-    pub fn date_done_iso(&self) -> Option<String> {
-        self.date_done.map(|d| {
-            super::json::isoformat(&Value::DateTime {
-                naive: d.naive_utc(),
-                offset_seconds: Some(0),
-            })
-        })
-    }
-
-    /// The meta as the rpc/redis backends serialize it: `status`, `result`,
-    /// `traceback`, `children`, `date_done`, `task_id`. Values Python's json
-    /// cannot carry use kombu's `__type__` wrappers (see [`super::json`]).
-    pub fn to_json(&self) -> serde_json::Value {
-        json!({
-            "status": self.status.as_str(),
-            "result": super::json::to_json(&self.result),
-            "traceback": self.traceback,
-            "children": self.children.iter().map(super::json::to_json).collect::<Vec<_>>(),
-            "date_done": self.date_done_iso(),
-            "task_id": self.task_id,
-        })
-    }
-
-    /// [`ResultMeta::to_json`] as bytes (the body of an `application/json` result).
-    pub fn to_json_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec(&self.to_json()).unwrap_or_default()
-    }
-
-    /// The same meta as a Python dict in Celery's key order, for
-    /// [`super::pickle::encode`] (pickle result bodies, Binary fields in MongoDB).
-    /// `date_done` is the ISO string, as Celery stores it for rpc/redis.
-    pub fn to_value(&self) -> Value {
-        Value::dict([
-            ("status", Value::Str(self.status.as_str().to_owned())),
-            ("result", self.result.clone()),
-            (
-                "traceback",
-                self.traceback.clone().map_or(Value::None, Value::Str),
-            ),
-            ("children", Value::List(self.children.clone())),
-            (
-                "date_done",
-                self.date_done_iso().map_or(Value::None, Value::Str),
-            ),
-            ("task_id", Value::Str(self.task_id.clone())),
-        ])
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn started_has_celery_shape() {
-        let j = ResultMeta::started("t1", 25341, "gtworker@vm").to_json();
-        assert_eq!(
-            j,
-            json!({"status": "STARTED", "result": {"pid": 25341, "hostname": "gtworker@vm"},
-                   "traceback": null, "children": [], "date_done": null, "task_id": "t1"})
-        );
-    }
-
-    #[test]
-    fn failure_and_revoked_carry_exception_dicts() {
-        let j =
-            ResultMeta::failure("t", ExceptionInfo::not_registered("proj.nope"), None).to_json();
-        assert_eq!(j["status"], "FAILURE");
-        assert_eq!(
-            j["result"],
-            json!({"exc_type": "NotRegistered", "exc_message": ["proj.nope"], "exc_module": "celery.exceptions"})
-        );
-        let d = j["date_done"].as_str().expect("date_done set");
-        assert!(d.ends_with("+00:00"), "{d}");
-        let r = ResultMeta::revoked("t", "expired").to_json();
-        assert_eq!(r["result"]["exc_message"], json!(["expired"]));
-        assert_eq!(
-            ExceptionInfo::time_limit_exceeded(1230.0)
-                .to_value()
-                .get("exc_message"),
-            Some(&Value::List(vec![Value::Float(1230.0)]))
-        );
-        assert_eq!(
-            ExceptionInfo::not_registered("x").repr(),
-            "NotRegistered('x')"
-        );
     }
 }

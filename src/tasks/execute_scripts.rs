@@ -24,7 +24,7 @@ use super::bucket_from;
 use super::{Task, TaskContext, TaskError};
 use crate::broker::{Broker, BrokerError};
 use crate::protocol::publish::{encode_task_v2, TaskSend};
-use crate::protocol::{ExceptionInfo, TaskMessage, Value};
+use crate::protocol::{TaskMessage, Value};
 use crate::schedule;
 use crate::store::{self, Store};
 
@@ -120,7 +120,7 @@ impl Task for ExecuteScripts {
         let report = self
             .fire_due(&bucket, bucket_kw, now, Some(parent))
             .await
-            .map_err(|e| failure("pymongo.errors", "OperationFailure", e.to_string()))?;
+            .map_err(|e| TaskError::new("pymongo.errors", "OperationFailure", e.to_string()))?;
         if !report.sent.is_empty() {
             info!(
                 task_id = %msg.id,
@@ -132,7 +132,7 @@ impl Task for ExecuteScripts {
         if report.problems.is_empty() {
             Ok(Value::None)
         } else {
-            Err(failure(
+            Err(TaskError::new(
                 "builtins",
                 "RuntimeError",
                 format!("execute_scripts: {}", report.problems.join("; ")),
@@ -246,17 +246,6 @@ impl ExecuteScripts {
             }
         }
         Ok(report)
-    }
-}
-
-fn failure(module: &str, exc_type: &str, message: String) -> TaskError {
-    TaskError {
-        traceback: Some(format!("{exc_type}: {message}\n")),
-        exception: ExceptionInfo {
-            exc_type: exc_type.into(),
-            exc_module: module.into(),
-            exc_message: vec![Value::Str(message)],
-        },
     }
 }
 

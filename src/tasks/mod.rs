@@ -87,17 +87,20 @@ pub struct TaskError {
 }
 
 impl TaskError {
-    /// A `TypeError` for arguments of the wrong shape, as Python would raise.
-    pub fn type_error(message: impl Into<String>) -> Self {
+    /// Python's `module.exc_type(message)` raised by a task, with the last
+    /// line of a Python traceback (`ExcType: message`) as the traceback text.
+    /// Parameters in [`ExceptionInfo::new`]'s order: module, class, message.
+    pub fn new(module: &str, exc_type: &str, message: impl Into<String>) -> Self {
         let message = message.into();
         TaskError {
-            traceback: Some(format!("TypeError: {message}\n")),
-            exception: ExceptionInfo {
-                exc_type: "TypeError".into(),
-                exc_module: "builtins".into(),
-                exc_message: vec![Value::Str(message)],
-            },
+            traceback: Some(format!("{exc_type}: {message}\n")),
+            exception: ExceptionInfo::new(module, exc_type, message),
         }
+    }
+
+    /// A `TypeError` for arguments of the wrong shape, as Python would raise.
+    pub fn type_error(message: impl Into<String>) -> Self {
+        Self::new("builtins", "TypeError", message)
     }
 }
 
@@ -197,4 +200,29 @@ pub fn bucket_from(msg: &TaskMessage) -> Result<String, TaskError> {
         }
     }
     Ok(crate::store::bucket_name(bucket))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_error_is_the_python_exception_and_its_last_traceback_line() {
+        let e = TaskError::new("gridfs.errors", "NoFile", "gone");
+        assert_eq!(
+            e,
+            TaskError {
+                exception: ExceptionInfo {
+                    exc_type: "NoFile".into(),
+                    exc_module: "gridfs.errors".into(),
+                    exc_message: vec![Value::from("gone")],
+                },
+                traceback: Some("NoFile: gone\n".into()),
+            }
+        );
+        assert_eq!(
+            TaskError::type_error("bad"),
+            TaskError::new("builtins", "TypeError", "bad")
+        );
+    }
 }

@@ -7,7 +7,7 @@
 use async_trait::async_trait;
 
 use super::{split_system_kwargs, Task, TaskContext, TaskError};
-use crate::protocol::{ExceptionInfo, TaskMessage, Value};
+use crate::protocol::{TaskMessage, Value};
 
 /// The ping task.
 pub struct OmegaPing;
@@ -21,14 +21,11 @@ impl Task for OmegaPing {
     async fn run(&self, ctx: TaskContext, msg: &TaskMessage) -> Result<Value, TaskError> {
         let (_system, delegate) = split_system_kwargs(&msg.kwargs);
         if msg.kwarg("exception").is_some_and(truthy) {
-            return Err(TaskError {
-                exception: ExceptionInfo {
-                    exc_type: "Exception".into(),
-                    exc_module: "builtins".into(),
-                    exc_message: vec![Value::from("omega ping exception")],
-                },
-                traceback: Some("Exception: omega ping exception\n".into()),
-            });
+            return Err(TaskError::new(
+                "builtins",
+                "Exception",
+                "omega ping exception",
+            ));
         }
         let kwargs = delegate
             .into_iter()

@@ -17,7 +17,7 @@ use super::{split_system_kwargs, CancelReason, Task, TaskContext, TaskError};
 use crate::kernel::KernelEnv;
 use crate::notebook::executor::{Executor, RunError, RunOptions};
 use crate::notebook::model::Notebook;
-use crate::protocol::{ExceptionInfo, TaskMessage, Value};
+use crate::protocol::{TaskMessage, Value};
 use crate::store::{self, JobRun, Store};
 
 /// The notebook task.
@@ -48,19 +48,8 @@ impl RunOmegamlJob {
     }
 }
 
-fn failure(exc_type: &str, module: &str, message: String) -> TaskError {
-    TaskError {
-        traceback: Some(format!("{exc_type}: {message}\n")),
-        exception: ExceptionInfo {
-            exc_type: exc_type.into(),
-            exc_module: module.into(),
-            exc_message: vec![Value::Str(message)],
-        },
-    }
-}
-
 fn storage_failure(e: store::StoreError) -> TaskError {
-    failure("OperationFailure", "pymongo.errors", e.to_string())
+    TaskError::new("pymongo.errors", "OperationFailure", e.to_string())
 }
 
 /// The results notebook of this task id's run, if the task's metadata says
@@ -136,9 +125,9 @@ impl Task for RunOmegamlJob {
         .await
         .map_err(storage_failure)?
         else {
-            return Err(failure(
-                "AssertionError",
+            return Err(TaskError::new(
                 "builtins",
+                "AssertionError",
                 format!("Cannot run non-existent jobs {nb_file}"),
             ));
         };
@@ -163,9 +152,9 @@ impl Task for RunOmegamlJob {
             e
         };
         let Some(gridfile) = meta.gridfile else {
-            return Err(fail_state(failure(
-                "NoFile",
+            return Err(fail_state(TaskError::new(
                 "gridfs.errors",
+                "NoFile",
                 format!(">{nb_file}< does not exist in jobs bucket '{bucket}'"),
             ))
             .await);
@@ -181,9 +170,9 @@ impl Task for RunOmegamlJob {
         let mut notebook = match Notebook::from_slice(&bytes) {
             Ok(nb) => nb,
             Err(e) => {
-                return Err(fail_state(failure(
-                    "NotJSONError",
+                return Err(fail_state(TaskError::new(
                     "nbformat.reader",
+                    "NotJSONError",
                     format!("{nb_file} is not a valid notebook: {e}"),
                 ))
                 .await)

@@ -13,7 +13,7 @@ use mongodb::bson::Bson;
 use tracing::{info, warn};
 
 use super::{bucket_from, Task, TaskContext, TaskError};
-use crate::protocol::{ExceptionInfo, TaskMessage, Value};
+use crate::protocol::{TaskMessage, Value};
 use crate::schedule::{self, ScheduleError};
 use crate::store::Store;
 
@@ -32,15 +32,7 @@ impl ScheduleOmegamlJob {
 /// A [`ScheduleError`] as the Python exception omega|ml's worker would store.
 pub fn schedule_failure(e: &ScheduleError) -> TaskError {
     let (module, exc_type) = e.python_exception();
-    let message = e.to_string();
-    TaskError {
-        traceback: Some(format!("{exc_type}: {message}\n")),
-        exception: ExceptionInfo {
-            exc_type: exc_type.into(),
-            exc_module: module.into(),
-            exc_message: vec![Value::Str(message)],
-        },
-    }
+    TaskError::new(module, exc_type, e.to_string())
 }
 
 #[async_trait]
