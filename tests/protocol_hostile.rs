@@ -818,8 +818,7 @@ sys.stdout.buffer.write(pickle.dumps(body, protocol=int(sys.argv[2])))
     out.stdout
 }
 
-/// The same payload built by hand (what CPython 3.11 emits for protocol 4),
-/// for machines without the venv.
+/// The same payload built by hand (what CPython 3.11 emits for protocol 4).
 fn handmade_payload(target: &Path) -> Vec<u8> {
     let cmd = format!("touch {}", target.display());
     let mut ops = stack_global("posix", "system");
@@ -831,14 +830,16 @@ fn handmade_payload(target: &Path) -> Vec<u8> {
 }
 
 /// Mandatory: a pickle that *would* run `os.system("touch <tmp>/pwned")` is
-/// refused naming the global, and the file does not exist afterwards. With the
-/// venv, a control run through CPython's `pickle.loads` proves the payload is live.
+/// refused naming the global, and the file does not exist afterwards. A control
+/// run through CPython's `pickle.loads` proves the payload is live.
 #[test]
 fn os_system_payload_is_refused_and_never_runs() {
     let dir = tempfile::tempdir().expect("tempdir");
     let target = dir.path().join("pwned");
     let mut payloads = vec![handmade_payload(&target)];
-    if let Some(py) = python() {
+    // A missing venv is a loud failure, never a silent downgrade.
+    let py = python().expect(".venv/bin/python missing: run scripts/setup-venv.sh");
+    {
         for proto in [0, 2, 4, 5] {
             payloads.push(python_payload(&py, &target, proto));
         }
@@ -858,8 +859,6 @@ fn os_system_payload_is_refused_and_never_runs() {
             control.exists(),
             "control payload did not run under CPython"
         );
-    } else {
-        eprintln!("no .venv/bin/python: only the handmade payload is checked");
     }
     for (i, body) in payloads.into_iter().enumerate() {
         let err = decode_task(&raw(Some(PICKLE), body)).expect_err("must be refused");

@@ -177,10 +177,8 @@ fn encoder_round_trips_through_our_decoder() {
 /// (with the same folding rules as make_pickles.py), compared to `Value::repr`.
 #[test]
 fn cpython_loads_what_we_encode() {
-    let Some(py) = python() else {
-        eprintln!("skipping: no .venv/bin/python");
-        return;
-    };
+    // A missing venv is a loud failure, never a skip (scripts/setup-venv.sh creates it).
+    let py = python().expect(".venv/bin/python missing: run scripts/setup-venv.sh");
     let values = sample_values();
     let dir = tempfile::tempdir().expect("tempdir");
     for (i, v) in values.iter().enumerate() {
