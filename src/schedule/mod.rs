@@ -1,4 +1,5 @@
-//! Scheduled notebooks, as omega|ml does them (`spec/omegaml-worker.md` §8).
+//! Scheduled notebooks, as omega|ml 0.18.0 does them (`omegaml/notebook/jobs.py`:
+//! `schedule`, `get_schedule`; `omegaml/notebook/tasks.py`: `execute_scripts`).
 //!
 //! omega|ml keeps a schedule in the job's metadata: the cron string in
 //! `attributes.config['run-at']` and the next run as a PENDING trigger in

@@ -2,7 +2,7 @@
 //!
 //! Exactly the documents omega|ml's `om.jobs` reads and writes (collection
 //! `metadata`, prefix `jobs/`, GridFS bucket `omegaml` or `omegaml_<bucket>`,
-//! see `spec/omegaml-worker.md` §5), and only path-level updates (`$set`,
+//! as captured in `tests/fixtures/groundtruth/mongo_*.json`), and only path-level updates (`$set`,
 //! `$push`, `$unset`): the kernel writes `attributes.job.status` into the same
 //! document while the task runs, so a whole-document replace would lose it.
 
@@ -71,7 +71,7 @@ impl StoreError {
 
 /// How long a task keeps retrying MongoDB operations that fail because the
 /// server is unreachable before it gives up (a restart or failover mid-run
-/// must not lose the run, `spec/omegaml-worker.md` §8).
+/// must not lose the run; `tests/interop/test_faults.py` stops MongoDB mid-run).
 pub const OUTAGE_BUDGET: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Runs `op` (attempt number from 1) until it succeeds, fails for a reason

@@ -1,7 +1,8 @@
 //! `omegaml.notebook.tasks.run_omegaml_job(nb_file, event=None, timeout=None, **kw)`.
 //!
 //! What omega|ml's `NotebookMixin.run_notebook` + `NotebookTask.on_success`
-//! do (`spec/omegaml-worker.md` §4, §6), with the MongoDB round trips cut to
+//! do (`omegaml/notebook/jobs.py`, `omegaml/notebook/tasks.py` in omegaml 0.18.0;
+//! `tests/fixtures/groundtruth/` holds their captured MongoDB writes), with the MongoDB round trips cut to
 //! what the task needs: one metadata find, one GridFS read, then the results
 //! notebook (chunks, files doc, metadata) and one path-level update of the
 //! task's metadata. A notebook that raises is a Celery SUCCESS with a run
