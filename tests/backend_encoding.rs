@@ -93,3 +93,70 @@ fn success_values_are_plain() {
     );
     assert_eq!(r, "dict");
 }
+
+/// Runs `code` in the venv's Python and returns its stdout bytes.
+fn py_bytes(code: &str) -> Vec<u8> {
+    let out = Command::new(python())
+        .args(["-c", code])
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// A result a Python child pickled itself (objects our value model cannot
+/// hold, shared references, a FRAME, memo entries) is relayed inside the meta
+/// dict byte for byte, and the client's `pickle.loads` gets the object back.
+#[test]
+fn serialized_child_results_are_spliced_into_the_meta() {
+    use om_worker::protocol::result::SerializedValue;
+    let pickled = py_bytes(
+        "import pickle, sys, collections, fractions; \
+         shared = [1, 2]; \
+         v = {'od': collections.OrderedDict(a=shared), 'again': shared, 'f': fractions.Fraction(1, 3), 'big': 'x' * 70000}; \
+         sys.stdout.buffer.write(pickle.dumps(v, protocol=4))",
+    );
+    assert!(pickled.contains(&0x95), "protocol 4 with a FRAME");
+    let meta = ResultMeta::success_serialized(
+        "t-ser",
+        SerializedValue {
+            serializer: Serializer::Pickle,
+            bytes: pickled.clone(),
+            repr: "{...}".into(),
+        },
+    );
+    let check = "(v['status'], v['task_id'], type(v['result']['od']).__name__, \
+                 v['result']['od']['a'] is v['result']['again'], str(v['result']['f']), len(v['result']['big']))";
+    assert_eq!(
+        py_repr(&encode_meta(Serializer::Pickle, &meta), check),
+        "('SUCCESS', 't-ser', 'OrderedDict', True, '1/3', 70000)"
+    );
+    assert_eq!(
+        encode_result(Serializer::Pickle, &meta),
+        pickled,
+        "the mongodb backend's result field is the child's pickle itself"
+    );
+
+    let json_meta = ResultMeta::success_serialized(
+        "t-json",
+        SerializedValue {
+            serializer: Serializer::Json,
+            bytes: br#"{"a": [1, 2.5, null], "__type__": "x"}"#.to_vec(),
+            repr: "{...}".into(),
+        },
+    );
+    let decoded: serde_json::Value =
+        serde_json::from_slice(&encode_meta(Serializer::Json, &json_meta)).expect("json");
+    assert_eq!(decoded["result"]["a"], serde_json::json!([1, 2.5, null]));
+    assert_eq!(decoded["status"], "SUCCESS");
+
+    // Written with another serializer than configured: never relayed as is.
+    let bytes = encode_meta(Serializer::Json, &meta);
+    let decoded: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+    assert_eq!(decoded["status"], "SUCCESS");
+    assert_eq!(decoded["result"], "{...}", "its repr instead");
+}

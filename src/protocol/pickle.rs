@@ -1816,20 +1816,42 @@ pub fn encode_reduce(call: &Reduce<'_>) -> Vec<u8> {
     out
 }
 
+/// What [`encode_dict_with`] writes in place of a value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Written<'a> {
+    /// A call, see [`Reduce`].
+    Call(Reduce<'a>),
+    /// The body of a whole pickle someone else wrote (see [`pickle_body`]).
+    Pickled(&'a [u8]),
+}
+
+/// The opcodes of a whole pickle (`PROTO n … STOP`) without its `PROTO`
+/// header and final `STOP`, so it can stand for one value inside another
+/// pickle: our encoder writes no memo, so the embedded pickle's memo indices
+/// stay its own, and a `FRAME` inside is only a read-ahead hint to CPython's
+/// unpickler. `None` when `whole` does not look like a protocol 2–5 pickle.
+pub fn pickle_body(whole: &[u8]) -> Option<&[u8]> {
+    match whole {
+        [PROTO, 2..=5, body @ .., STOP] if !body.is_empty() => Some(body),
+        _ => None,
+    }
+}
+
 /// Encodes a dict exactly as [`encode`] encodes `Value::Dict(items)`, except
-/// that each value for which `call_for(key, value)` returns a [`Reduce`] is
-/// written as that call instead.
+/// that each value for which `write_for(key, value)` returns a [`Written`] is
+/// written as that instead.
 pub fn encode_dict_with<'v>(
     items: &'v [(Value, Value)],
-    call_for: impl Fn(&'v Value, &'v Value) -> Option<Reduce<'v>>,
+    write_for: impl Fn(&'v Value, &'v Value) -> Option<Written<'v>>,
 ) -> Vec<u8> {
     let mut out = vec![PROTO, 4, EMPTY_DICT];
     for chunk in items.chunks(1000) {
         out.push(MARK);
         for (k, v) in chunk {
             encode_into(k, &mut out);
-            match call_for(k, v) {
-                Some(call) => call.encode_into(&mut out),
+            match write_for(k, v) {
+                Some(Written::Call(call)) => call.encode_into(&mut out),
+                Some(Written::Pickled(body)) => out.extend_from_slice(body),
                 None => encode_into(v, &mut out),
             }
         }
@@ -2182,6 +2204,7 @@ mod tests {
             (k.as_str() == Some("e"))
                 .then(|| Reduce::new("builtins", "KeyError", &args))
                 .flatten()
+                .map(Written::Call)
         });
         assert_eq!(
             with_call,

@@ -51,6 +51,21 @@ pub struct ExceptionInfo {
     pub exc_message: Vec<Value>,
 }
 
+/// A task's return value as its producer serialized it, with the worker's
+/// result serializer: a task run in a Python child returns objects the
+/// worker's value model cannot hold (a model's Metadata document, numpy
+/// arrays), so the child pickles (or JSON-encodes) the value itself and the
+/// worker relays those bytes inside the result it stores, never decoding them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SerializedValue {
+    /// How `bytes` were written (the worker's `result_serializer`).
+    pub serializer: super::Serializer,
+    /// One whole serialized value: a pickle (PROTO … STOP) or a JSON text.
+    pub bytes: Vec<u8>,
+    /// Python's `repr()` of the value, shortened, for logs and task events.
+    pub repr: String,
+}
+
 /// One result state for one task.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResultMeta {
@@ -60,6 +75,10 @@ pub struct ResultMeta {
     pub status: State,
     /// Return value, STARTED info, or the exception dict.
     pub result: Value,
+    /// A return value its producer already serialized (a task run by a
+    /// Python child): written in place of [`ResultMeta::result`], byte for
+    /// byte, see [`SerializedValue`].
+    pub serialized: Option<SerializedValue>,
     /// Formatted traceback for failures.
     pub traceback: Option<String>,
     /// Child results (always empty here: no canvas support yet).
@@ -142,6 +161,7 @@ impl ResultMeta {
                 ("pid", Value::Int(pid.into())),
                 ("hostname", Value::Str(hostname.to_owned())),
             ]),
+            serialized: None,
             traceback: None,
             children: Vec::new(),
             date_done: None,
@@ -154,9 +174,18 @@ impl ResultMeta {
             task_id: task_id.to_owned(),
             status: State::Success,
             result,
+            serialized: None,
             traceback: None,
             children: Vec::new(),
             date_done: Some(Utc::now()),
+        }
+    }
+
+    /// SUCCESS with a return value its producer serialized itself.
+    pub fn success_serialized(task_id: &str, value: SerializedValue) -> Self {
+        ResultMeta {
+            serialized: Some(value),
+            ..Self::success(task_id, Value::None)
         }
     }
 
@@ -166,6 +195,7 @@ impl ResultMeta {
             task_id: task_id.to_owned(),
             status: State::Failure,
             result: exc.to_value(),
+            serialized: None,
             traceback,
             children: Vec::new(),
             date_done: Some(Utc::now()),
@@ -178,6 +208,7 @@ impl ResultMeta {
             task_id: task_id.to_owned(),
             status: State::Revoked,
             result: ExceptionInfo::revoked(reason).to_value(),
+            serialized: None,
             traceback: None,
             children: Vec::new(),
             date_done: Some(Utc::now()),

@@ -25,7 +25,7 @@
 use serde::Deserialize;
 
 use super::message::Outgoing;
-use super::result::{ResultMeta, State};
+use super::result::{ResultMeta, SerializedValue, State};
 use super::value::Value;
 use super::{json, pickle};
 
@@ -109,7 +109,7 @@ pub fn is_exception_state(state: State) -> bool {
 pub fn meta_value(meta: &ResultMeta) -> Value {
     Value::dict([
         ("status", Value::from(meta.status.as_str())),
-        ("result", meta.result.clone()),
+        ("result", result_value(meta)),
         (
             "traceback",
             meta.traceback.clone().map_or(Value::None, Value::Str),
@@ -131,6 +131,9 @@ pub fn meta_value(meta: &ResultMeta) -> Value {
 /// [`CLIENT_EXCEPTION_MODULES`]; others stay Celery's exception dict).
 pub fn encode_meta(serializer: Serializer, meta: &ResultMeta) -> Vec<u8> {
     let v = meta_value(meta);
+    if let Some(s) = relayable(serializer, meta) {
+        return splice(serializer, &v, &s.bytes);
+    }
     match serializer {
         Serializer::Pickle if is_exception_state(meta.status) => {
             encode_with_exception(&v, "result")
@@ -142,6 +145,9 @@ pub fn encode_meta(serializer: Serializer, meta: &ResultMeta) -> Vec<u8> {
 /// Only the result value (the MongoDB backend's `result` field), exceptions
 /// as in [`encode_meta`].
 pub fn encode_result(serializer: Serializer, meta: &ResultMeta) -> Vec<u8> {
+    if let Some(s) = relayable(serializer, meta) {
+        return s.bytes.clone();
+    }
     match serializer {
         Serializer::Pickle if is_exception_state(meta.status) => {
             match exception_call(&meta.result) {
@@ -149,7 +155,66 @@ pub fn encode_result(serializer: Serializer, meta: &ResultMeta) -> Vec<u8> {
                 None => pickle::encode(&meta.result),
             }
         }
-        _ => serializer.encode(&meta.result),
+        _ => serializer.encode(&result_value(meta)),
+    }
+}
+
+/// The result as a [`Value`]: a producer-serialized one stands for its
+/// `repr` where it cannot be relayed (see [`relayable`]).
+fn result_value(meta: &ResultMeta) -> Value {
+    match &meta.serialized {
+        Some(s) => Value::Str(s.repr.clone()),
+        None => meta.result.clone(),
+    }
+}
+
+/// The producer-serialized value of `meta`, when it can be relayed as is:
+/// written with this serializer and well-formed for it. Otherwise (never
+/// the case for values from our own Python child, which is told the
+/// serializer) the value's `repr` is stored instead, and logged.
+fn relayable(serializer: Serializer, meta: &ResultMeta) -> Option<&SerializedValue> {
+    let s = meta.serialized.as_ref()?;
+    let usable = s.serializer == serializer
+        && match serializer {
+            Serializer::Pickle => pickle::pickle_body(&s.bytes).is_some(),
+            Serializer::Json => serde_json::from_slice::<serde_json::Value>(&s.bytes).is_ok(),
+        };
+    if !usable {
+        tracing::warn!(
+            task_id = %meta.task_id,
+            "serialized result is not {} as configured; storing its repr instead",
+            serializer.as_str()
+        );
+        return None;
+    }
+    Some(s)
+}
+
+/// The meta dict `v` with `serialized` (checked by [`relayable`]) as its `result`.
+fn splice(serializer: Serializer, v: &Value, serialized: &[u8]) -> Vec<u8> {
+    let Value::Dict(items) = v else {
+        return serializer.encode(v);
+    };
+    match serializer {
+        Serializer::Pickle => {
+            let body = pickle::pickle_body(serialized);
+            pickle::encode_dict_with(items, |k, _| {
+                (k.as_str() == Some("result"))
+                    .then_some(body)
+                    .flatten()
+                    .map(pickle::Written::Pickled)
+            })
+        }
+        Serializer::Json => {
+            let mut meta = json::to_json(v);
+            if let (Some(obj), Ok(result)) = (
+                meta.as_object_mut(),
+                serde_json::from_slice::<serde_json::Value>(serialized),
+            ) {
+                obj.insert("result".into(), result);
+            }
+            meta.to_string().into_bytes()
+        }
     }
 }
 
@@ -165,7 +230,7 @@ pub fn encode_with_exception(value: &Value, exception_key: &str) -> Vec<u8> {
     };
     pickle::encode_dict_with(items, |k, v| {
         if k.as_str() == Some(exception_key) {
-            exception_call(v)
+            exception_call(v).map(pickle::Written::Call)
         } else {
             None
         }
