@@ -41,7 +41,8 @@ pub(super) struct ConsumeState {
     pub(super) pumps: Vec<JoinHandle<()>>,
 }
 
-/// Numbers consumer tags of queues added at runtime (never reused).
+/// Numbers the consumer tags of queues added at runtime and of broadcast
+/// subscriptions ([`super::fanout`]); never reused.
 pub(super) static ADDED_CONSUMERS: AtomicU64 = AtomicU64::new(0);
 
 impl Inner {
