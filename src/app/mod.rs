@@ -10,8 +10,6 @@ use anyhow::{bail, Context as _};
 use tracing::{info, warn};
 
 use crate::backend::{self, ResultBackend};
-use crate::broker::amqp::{AmqpBroker, AmqpOptions};
-use crate::broker::redis::{RedisBroker, RedisOptions};
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::control::WorkerState;
@@ -26,35 +24,15 @@ use crate::worker::Worker;
 
 /// Connects to the broker the URL names.
 pub async fn connect_broker(config: &Config) -> anyhow::Result<Arc<dyn Broker>> {
-    let url = &config.broker_url;
-    let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
-    let broker: Arc<dyn Broker> = match scheme {
-        "amqp" | "amqps" | "pyamqp" => {
-            let url = url.replacen("pyamqp://", "amqp://", 1);
-            Arc::new(
-                AmqpBroker::connect(&url, AmqpOptions::default())
-                    .await
-                    .with_context(|| format!("broker {}", mask_url(&url)))?,
-            )
-        }
-        "redis" | "rediss" => {
-            let options = RedisOptions {
-                visibility_timeout: Duration::from_secs(config.visibility_timeout),
-                restore_interval: Duration::from_secs(config.restore_interval.max(1)),
-                ..RedisOptions::default()
-            };
-            Arc::new(
-                RedisBroker::connect(url, options)
-                    .await
-                    .with_context(|| format!("broker {}", mask_url(url)))?,
-            )
-        }
-        _ => bail!(
-            "unsupported broker URL {} (expected amqp://, amqps:// or redis://)",
-            mask_url(url)
-        ),
+    let options = crate::broker::BrokerOptions {
+        redis: crate::broker::redis::RedisOptions {
+            visibility_timeout: Duration::from_secs(config.visibility_timeout),
+            restore_interval: Duration::from_secs(config.restore_interval.max(1)),
+            ..Default::default()
+        },
+        ..Default::default()
     };
-    Ok(broker)
+    Ok(crate::broker::from_url(&config.broker_url, options).await?)
 }
 
 /// Builds the result backend.

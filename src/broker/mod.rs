@@ -4,16 +4,20 @@
 //! what kombu speaks: [`amqp`] (RabbitMQ via lapin) and [`redis`] (kombu's
 //! Redis transport: priority lists, `unacked` ack emulation, visibility
 //! restore). The worker sees only [`Delivery`] values and [`Acker`] handles;
-//! decoding the body is the job of [`crate::protocol`].
+//! decoding the body is the job of [`crate::protocol`]. [`from_url`] picks
+//! and connects the implementation a broker URL names.
 
 pub mod amqp;
 pub mod memory;
 pub mod redis;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use crate::protocol::{Outgoing, RawMessage};
+use crate::redact::mask_url;
 
 /// An exchange type, for the few exchanges the worker declares itself
 /// (`celeryev`, `reply.celery.pidbox`).
@@ -72,6 +76,64 @@ pub enum BrokerError {
     /// A declaration, publish, ack or other broker operation failed.
     #[error("broker operation failed: {0}")]
     Operation(String),
+    /// [`from_url`] was given a scheme no broker here speaks; holds the
+    /// masked URL.
+    #[error("unsupported broker URL {0} (expected amqp://, amqps:// or redis://)")]
+    UnsupportedScheme(String),
+    /// [`from_url`] could not connect to the broker at `url` (masked);
+    /// `source` says why.
+    #[error("broker {url}")]
+    AtUrl {
+        /// The broker URL, password masked.
+        url: String,
+        /// What went wrong.
+        #[source]
+        source: Box<BrokerError>,
+    },
+}
+
+/// Per-transport options for [`from_url`]; only those of the transport the
+/// URL names are used.
+#[derive(Debug, Clone, Default)]
+pub struct BrokerOptions {
+    /// For `amqp://`, `amqps://` and `pyamqp://` URLs.
+    pub amqp: amqp::AmqpOptions,
+    /// For `redis://` and `rediss://` URLs.
+    pub redis: redis::RedisOptions,
+}
+
+/// Connects to the broker `url` names, as [`crate::backend::from_url`] does
+/// for result backends: `amqp://`, `amqps://` and kombu's `pyamqp://` (read
+/// as `amqp://`) go to [`amqp::AmqpBroker`], `redis://` and `rediss://` to
+/// [`redis::RedisBroker`].
+///
+/// A connection error comes back as [`BrokerError::AtUrl`], naming the
+/// (masked) URL, so a caller can report it as is.
+pub async fn from_url(url: &str, options: BrokerOptions) -> Result<Arc<dyn Broker>, BrokerError> {
+    let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
+    let at = |url: &str| {
+        let url = mask_url(url);
+        move |e| BrokerError::AtUrl {
+            url,
+            source: Box::new(e),
+        }
+    };
+    match scheme {
+        "amqp" | "amqps" | "pyamqp" => {
+            let url = url.replacen("pyamqp://", "amqp://", 1);
+            let broker = amqp::AmqpBroker::connect(&url, options.amqp)
+                .await
+                .map_err(at(&url))?;
+            Ok(Arc::new(broker))
+        }
+        "redis" | "rediss" => {
+            let broker = redis::RedisBroker::connect(url, options.redis)
+                .await
+                .map_err(at(url))?;
+            Ok(Arc::new(broker))
+        }
+        _ => Err(BrokerError::UnsupportedScheme(mask_url(url))),
+    }
 }
 
 /// How a consumer acknowledges one delivery. Exactly one of these is called.
@@ -185,5 +247,42 @@ pub trait Broker: Send + Sync + 'static {
         Err(BrokerError::Operation(format!(
             "cancelling queue {queue:?} at runtime is not supported by this broker"
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{from_url, BrokerOptions};
+
+    /// The text `om-worker` prints (`{:#}` of the anyhow error) must stay
+    /// what `app::connect_broker` printed before `from_url` existed.
+    async fn printed(url: &str) -> String {
+        match from_url(url, BrokerOptions::default()).await {
+            Ok(_) => panic!("{url} connected"),
+            Err(e) => format!("{:#}", anyhow::Error::from(e)),
+        }
+    }
+
+    #[tokio::test]
+    async fn unsupported_scheme_text_is_unchanged() {
+        assert_eq!(
+            printed("http://u:secret@h/").await,
+            "unsupported broker URL http://u:***@h/ (expected amqp://, amqps:// or redis://)"
+        );
+    }
+
+    #[tokio::test]
+    async fn connection_errors_name_the_masked_url() {
+        // Port 1 refuses at once; pyamqp:// is reported as the amqp:// it is.
+        let text = printed("pyamqp://u:secret@127.0.0.1:1//").await;
+        assert!(
+            text.starts_with("broker amqp://u:***@127.0.0.1:1//: broker connection failed: "),
+            "{text}"
+        );
+        let text = printed("redis://:secret@127.0.0.1:1/0").await;
+        assert!(
+            text.starts_with("broker redis://:***@127.0.0.1:1/0: broker connection failed: "),
+            "{text}"
+        );
     }
 }
