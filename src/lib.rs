@@ -1,8 +1,10 @@
 //! om-worker: a drop-in Rust worker for omega|ml's Celery queues.
 //!
 //! Data flow (see the README's architecture section):
-//! [`broker`] → [`protocol`] → [`worker`] → [`tasks`] → [`backend`], with
-//! notebooks run by [`kernel`] on the [`notebook`] model and stored by [`store`].
+//! [`broker`] → [`worker`] (decode with [`protocol`], decide, run [`tasks`]) →
+//! [`protocol::result_codec`] → [`backend`], with notebooks run by [`kernel`]
+//! on the [`notebook`] model and stored by [`store`]; [`app`] owns and wires
+//! everything and stops it through [`shutdown`].
 
 pub mod app;
 pub mod backend;
