@@ -25,7 +25,7 @@ use om_worker::ledger::memory::MemoryLedger;
 use om_worker::protocol::publish::{encode_task_v2, TaskSend};
 use om_worker::protocol::{ExceptionInfo, RawMessage, State, TaskMessage, Value};
 use om_worker::shutdown::Shutdown;
-use om_worker::tasks::{Registry, Task, TaskContext, TaskError};
+use om_worker::tasks::{Output, Registry, Task, TaskContext, TaskError};
 use om_worker::worker::Worker;
 
 const QUEUE: &str = "default";
@@ -42,8 +42,8 @@ impl Task for Echo {
     fn name(&self) -> &'static str {
         "test.echo"
     }
-    async fn run(&self, _ctx: TaskContext, msg: &TaskMessage) -> Result<Value, TaskError> {
-        Ok(Value::List(msg.args.clone()))
+    async fn run(&self, _ctx: TaskContext, msg: &TaskMessage) -> Result<Output, TaskError> {
+        Ok(Value::List(msg.args.clone()).into())
     }
 }
 
@@ -80,12 +80,12 @@ impl Task for Gate {
     fn durable(&self) -> bool {
         self.durable
     }
-    async fn run(&self, ctx: TaskContext, _msg: &TaskMessage) -> Result<Value, TaskError> {
+    async fn run(&self, ctx: TaskContext, _msg: &TaskMessage) -> Result<Output, TaskError> {
         self.runs.fetch_add(1, Ordering::SeqCst);
         tokio::select! {
             p = self.release.acquire() => {
                 if let Ok(p) = p { p.forget() }
-                Ok(Value::from("released"))
+                Ok(Value::from("released").into())
             }
             _ = ctx.cancel.cancelled() => Err(TaskError {
                 exception: ExceptionInfo::new("builtins", "RuntimeError", "cancelled"),
@@ -103,7 +103,7 @@ impl Task for Panics {
     fn name(&self) -> &'static str {
         "test.panics"
     }
-    async fn run(&self, _ctx: TaskContext, _msg: &TaskMessage) -> Result<Value, TaskError> {
+    async fn run(&self, _ctx: TaskContext, _msg: &TaskMessage) -> Result<Output, TaskError> {
         panic!("boom");
     }
 }

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::bucket_from;
-use super::{Task, TaskContext, TaskError};
+use super::{Output, Task, TaskContext, TaskError};
 use crate::broker::{Broker, BrokerError};
 use crate::protocol::publish::{encode_task_v2, TaskSend};
 use crate::protocol::{TaskMessage, Value};
@@ -86,7 +86,13 @@ impl Task for ExecuteScripts {
         EXECUTE_SCRIPTS
     }
 
-    async fn run(&self, _ctx: TaskContext, msg: &TaskMessage) -> Result<Value, TaskError> {
+    async fn run(&self, _ctx: TaskContext, msg: &TaskMessage) -> Result<Output, TaskError> {
+        self.run_value(_ctx, msg).await.map(Output::from)
+    }
+}
+
+impl ExecuteScripts {
+    async fn run_value(&self, _ctx: TaskContext, msg: &TaskMessage) -> Result<Value, TaskError> {
         if !msg.args.is_empty() {
             return Err(TaskError::type_error(format!(
                 "execute_scripts() takes 1 positional argument but {} were given",

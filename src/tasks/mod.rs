@@ -16,6 +16,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
+use crate::protocol::result::SerializedValue;
 use crate::protocol::{ExceptionInfo, TaskMessage, Value};
 
 /// Why a running task was asked to stop.
@@ -77,6 +78,32 @@ impl TaskContext {
     }
 }
 
+/// What a task returns: a value of the worker's model, or a value its own
+/// process serialized (a task run in a Python child), relayed as is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// A plain value, encoded by the result codec.
+    Value(Value),
+    /// Serialized by the task's process with the worker's result serializer.
+    Serialized(SerializedValue),
+}
+
+impl From<Value> for Output {
+    fn from(v: Value) -> Self {
+        Output::Value(v)
+    }
+}
+
+impl Output {
+    /// Python's `repr()` of the result (task events, logs).
+    pub fn repr(&self) -> String {
+        match self {
+            Output::Value(v) => v.repr(),
+            Output::Serialized(s) => s.repr.clone(),
+        }
+    }
+}
+
 /// A task's failure: the exception for the client plus a traceback text.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TaskError {
@@ -117,7 +144,7 @@ pub trait Task: Send + Sync {
         false
     }
     /// Runs the task.
-    async fn run(&self, ctx: TaskContext, msg: &TaskMessage) -> Result<Value, TaskError>;
+    async fn run(&self, ctx: TaskContext, msg: &TaskMessage) -> Result<Output, TaskError>;
 }
 
 /// Task name → implementation.

@@ -6,7 +6,7 @@
 
 use async_trait::async_trait;
 
-use super::{split_system_kwargs, Task, TaskContext, TaskError};
+use super::{split_system_kwargs, Output, Task, TaskContext, TaskError};
 use crate::protocol::{TaskMessage, Value};
 
 /// The ping task.
@@ -18,7 +18,13 @@ impl Task for OmegaPing {
         "omegaml.tasks.omega_ping"
     }
 
-    async fn run(&self, ctx: TaskContext, msg: &TaskMessage) -> Result<Value, TaskError> {
+    async fn run(&self, ctx: TaskContext, msg: &TaskMessage) -> Result<Output, TaskError> {
+        self.run_value(ctx, msg).await.map(Output::from)
+    }
+}
+
+impl OmegaPing {
+    async fn run_value(&self, ctx: TaskContext, msg: &TaskMessage) -> Result<Value, TaskError> {
         let (_system, delegate) = split_system_kwargs(&msg.kwargs);
         if msg.kwarg("exception").is_some_and(truthy) {
             return Err(TaskError::new(

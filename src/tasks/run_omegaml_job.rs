@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tracing::{info, warn};
 
-use super::{split_system_kwargs, CancelReason, Task, TaskContext, TaskError};
+use super::{split_system_kwargs, CancelReason, Output, Task, TaskContext, TaskError};
 use crate::kernel::KernelEnv;
 use crate::notebook::executor::{Executor, RunError, RunOptions};
 use crate::notebook::model::Notebook;
@@ -84,7 +84,13 @@ impl Task for RunOmegamlJob {
         true
     }
 
-    async fn run(&self, ctx: TaskContext, msg: &TaskMessage) -> Result<Value, TaskError> {
+    async fn run(&self, ctx: TaskContext, msg: &TaskMessage) -> Result<Output, TaskError> {
+        self.run_value(ctx, msg).await.map(Output::from)
+    }
+}
+
+impl RunOmegamlJob {
+    async fn run_value(&self, ctx: TaskContext, msg: &TaskMessage) -> Result<Value, TaskError> {
         let (system, _delegate) = split_system_kwargs(&msg.kwargs);
         let nb_file = super::nb_file_arg(msg, "run_omegaml_job")?;
         if msg.args.len() > 3 {

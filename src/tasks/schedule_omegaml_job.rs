@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use mongodb::bson::Bson;
 use tracing::{info, warn};
 
-use super::{bucket_from, Task, TaskContext, TaskError};
+use super::{bucket_from, Output, Task, TaskContext, TaskError};
 use crate::protocol::{TaskMessage, Value};
 use crate::schedule::{self, ScheduleError};
 use crate::store::Store;
@@ -41,7 +41,13 @@ impl Task for ScheduleOmegamlJob {
         "omegaml.notebook.tasks.schedule_omegaml_job"
     }
 
-    async fn run(&self, _ctx: TaskContext, msg: &TaskMessage) -> Result<Value, TaskError> {
+    async fn run(&self, _ctx: TaskContext, msg: &TaskMessage) -> Result<Output, TaskError> {
+        self.run_value(_ctx, msg).await.map(Output::from)
+    }
+}
+
+impl ScheduleOmegamlJob {
+    async fn run_value(&self, _ctx: TaskContext, msg: &TaskMessage) -> Result<Value, TaskError> {
         let nb_file = super::nb_file_arg(msg, "schedule_omegaml_job")?;
         if msg.args.len() > 1 {
             return Err(TaskError::type_error(format!(

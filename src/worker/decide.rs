@@ -16,8 +16,8 @@ use tracing::{error, warn};
 use crate::backend::ReplyTarget;
 use crate::config::UnknownTaskPolicy;
 use crate::protocol::message::{peek_task_id, peek_task_name};
-use crate::protocol::{decode_task, ExceptionInfo, RawMessage, ResultMeta, TaskMessage, Value};
-use crate::tasks::{Registry, Task, TaskError};
+use crate::protocol::{decode_task, ExceptionInfo, RawMessage, ResultMeta, TaskMessage};
+use crate::tasks::{Output, Registry, Task, TaskError};
 
 /// How a message is settled on the broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,14 +175,16 @@ fn revoked_verdict(msg: &TaskMessage, reason: &str) -> Verdict {
 /// stopped the run, whatever the task returned.
 pub fn outcome_report(
     msg: &TaskMessage,
-    outcome: Result<Value, TaskError>,
+    outcome: Result<Output, TaskError>,
     terminated: bool,
 ) -> Option<ResultMeta> {
     if terminated {
         return Some(ResultMeta::revoked(&msg.id, "terminated"));
     }
     match outcome {
-        Ok(value) => (msg.ignore_result != Some(true)).then(|| ResultMeta::success(&msg.id, value)),
+        Ok(_) if msg.ignore_result == Some(true) => None,
+        Ok(Output::Value(value)) => Some(ResultMeta::success(&msg.id, value)),
+        Ok(Output::Serialized(value)) => Some(ResultMeta::success_serialized(&msg.id, value)),
         Err(err) => Some(ResultMeta::failure(&msg.id, err.exception, err.traceback)),
     }
 }
@@ -190,7 +192,7 @@ pub fn outcome_report(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::State;
+    use crate::protocol::{State, Value};
 
     fn msg() -> TaskMessage {
         TaskMessage {
@@ -318,7 +320,7 @@ mod tests {
     #[test]
     fn outcome_reports() {
         let mut m = msg();
-        let ok = || Ok(Value::from("pong"));
+        let ok = || Ok(Output::from(Value::from("pong")));
         let failed = || Err(TaskError::type_error("bad"));
         assert_eq!(
             outcome_report(&m, ok(), false).map(|r| r.status),

@@ -11,8 +11,8 @@ use futures_util::FutureExt as _;
 use tracing::{error, warn};
 
 use crate::ledger::Ledger;
-use crate::protocol::{ExceptionInfo, TaskMessage, Value};
-use crate::tasks::{CancelReason, Task, TaskContext, TaskError};
+use crate::protocol::{ExceptionInfo, TaskMessage};
+use crate::tasks::{CancelReason, Output, Task, TaskContext, TaskError};
 
 /// Runs `task` to its outcome within `hard` seconds.
 pub async fn run_limited(
@@ -20,7 +20,7 @@ pub async fn run_limited(
     ctx: TaskContext,
     msg: &TaskMessage,
     hard: f64,
-) -> Result<Value, TaskError> {
+) -> Result<Output, TaskError> {
     let soft_timer = ctx
         .soft_time_limit
         .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
