@@ -1,7 +1,7 @@
 //! Property tests: no input makes a decoder panic (errors are fine).
 //! Case counts are modest so this stays fast in debug builds.
 
-use om_worker::protocol::{compression, decode_task, json, pickle, RawMessage, Value};
+use om_worker::protocol::{compression, decode_task, json, pickle, typed_json, RawMessage, Value};
 use proptest::prelude::*;
 
 /// Opcodes and short argument-bearing sequences, so random programs get past
@@ -30,6 +30,10 @@ fn op() -> impl Strategy<Value = Vec<u8>> {
             b"c_codecs\nencode\n".to_vec(),
             b"ccopy_reg\n_reconstructor\n".to_vec(),
             b"c__builtin__\nobject\n".to_vec(),
+            b"c__builtin__\nunicode\n".to_vec(),
+            b"\x8c\rcelery.canvas\x8c\tsignature\x93".to_vec(),
+            b"\x8c omegaml.mixins.store.passthrough\x8c\x12PassthroughDataset\x93".to_vec(),
+            b"comegaml.mixins.store.passthrough\nPassthroughDataset\n".to_vec(),
             b"C\x0a\x07\xe8\x01\x02\x03\x04\x05\x00\x00\x00".to_vec(),
             b"\x8a\x09\x01\x02\x03\x04\x05\x06\x07\x08\x89".to_vec(),
             b"I01\n".to_vec(),
@@ -96,6 +100,11 @@ proptest! {
             if !matches!(v, Value::Float(f) if f.is_nan()) && !contains_nan(&v) {
                 prop_assert_eq!(again, Ok(v.clone()));
             }
+            // ...so must its typed JSON...
+            let typed = typed_json::from_typed_json(&typed_json::to_typed_json(&v));
+            if !contains_nan(&v) {
+                prop_assert_eq!(typed, Ok(v.clone()));
+            }
             // ...and repr must not panic.
             let _ = v.repr();
         }
@@ -105,6 +114,18 @@ proptest! {
     fn json_decode_never_panics(data in prop::collection::vec(any::<u8>(), 0..256), s in "[\\[\\]{}\",:0-9a-z_ ]{0,64}") {
         let _ = json::decode(&data);
         let _ = json::decode(s.as_bytes());
+    }
+
+    #[test]
+    fn typed_json_decode_never_panics(s in "[\\[\\]{}\",:0-9a-z_$. -]{0,64}", tag in prop::sample::select(vec![
+        "$float", "$int", "$tuple", "$set", "$dict", "$bytes", "$datetime", "$date", "$time",
+        "$timedelta", "$decimal", "$uuid", "$object", "$x",
+    ])) {
+        for text in [s.clone(), format!("{{\"{tag}\": {s}}}"), format!("{{\"{tag}\": \"{s}\"}}")] {
+            if let Ok(j) = serde_json::from_str::<serde_json::Value>(&text) {
+                let _ = typed_json::from_typed_json(&j);
+            }
+        }
     }
 
     #[test]
@@ -136,6 +157,7 @@ fn contains_nan(v: &Value) -> bool {
         Value::Float(f) => f.is_nan(),
         Value::List(x) | Value::Tuple(x) | Value::Set(x) => x.iter().any(contains_nan),
         Value::Dict(d) => d.iter().any(|(k, v)| contains_nan(k) || contains_nan(v)),
+        Value::Object(o) => o.args.iter().any(contains_nan) || contains_nan(&o.state),
         _ => false,
     }
 }

@@ -128,6 +128,24 @@ fn corpus() -> Vec<(&'static str, RawMessage, Check)> {
         ops.extend_from_slice(b"s\x87");
         p4(&ops)
     };
+    // (( ), {}, {'callbacks': [signature({'task': 'x', 'args': (posix.system('id'),)})]}):
+    // celery.canvas.signature is an allow-listed data class, its content is not.
+    let signature_with_gadget = {
+        let mut ops = b")}}".to_vec();
+        ops.extend(sbu("callbacks"));
+        ops.push(b']');
+        ops.extend(stack_global("celery.canvas", "signature"));
+        ops.extend_from_slice(b"}("); // the signature's dict, MARK
+        ops.extend(sbu("task"));
+        ops.extend(sbu("x"));
+        ops.extend(sbu("args"));
+        ops.extend(stack_global("posix", "system"));
+        ops.extend(sbu("id"));
+        ops.extend_from_slice(b"\x85R\x85u"); // (system('id'),), SETITEMS
+        ops.extend_from_slice(b"\x85Ra"); // signature(d), APPEND to callbacks
+        ops.extend_from_slice(b"s\x87"); // embed['callbacks'] = [...], TUPLE3
+        p4(&ops)
+    };
     let bomb = zlib(&vec![0u8; 64 * 1024 * 1024 + 1]);
 
     let mut c: Vec<(&'static str, RawMessage, Check)> = vec![
@@ -235,6 +253,11 @@ fn corpus() -> Vec<(&'static str, RawMessage, Check)> {
             "celery.canvas.Signature in embed",
             raw(Some(PICKLE), signature_embed),
             Box::new(forbidden("celery.canvas", "Signature")),
+        ),
+        (
+            "forbidden global inside an allowed celery.canvas.signature",
+            raw(Some(PICKLE), signature_with_gadget),
+            Box::new(forbidden("posix", "system")),
         ),
         (
             "builtins.getattr gadget",

@@ -119,6 +119,57 @@ fn compressed_pickle_body() {
     assert_eq!(t.args, vec![Value::from("tasks/main/c05ecd89-0.ipynb")]);
 }
 
+/// Bodies Celery published for a link and a chain (see make_pickles.py):
+/// the signatures in `embed` and the inline PassthroughDataset argument
+/// decode as data objects, and the rest of the message as usual.
+#[test]
+fn pickle_bodies_with_signatures_and_passthrough_data() {
+    let read = |name: &str| {
+        std::fs::read(format!(
+            "{}/tests/fixtures/pickles/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .expect("fixture")
+    };
+    let headers = || {
+        h(&[
+            ("task", Value::from("omegaml.tasks.omega_predict")),
+            ("id", Value::from("tid")),
+        ])
+    };
+    let t = decode_task(&msg(
+        "application/x-python-serialize",
+        &read("celery_link_body.p4.pkl"),
+        headers(),
+    ))
+    .expect("decodes");
+    assert_eq!(t.args[0], Value::from("mymodel"));
+    let Value::Object(pd) = &t.args[1] else {
+        panic!("{}", t.args[1].repr())
+    };
+    assert_eq!(
+        pd.class,
+        "omegaml.mixins.store.passthrough.PassthroughDataset"
+    );
+    for key in ["callbacks", "errbacks"] {
+        let sigs = t.embed.get(key).and_then(Value::as_seq).expect(key);
+        assert!(
+            matches!(&sigs[0], Value::Object(o) if o.class == "celery.canvas.signature"),
+            "{key}"
+        );
+    }
+    let t = decode_task(&msg(
+        "application/x-python-serialize",
+        &read("celery_chain_body.p2.pkl"),
+        headers(),
+    ))
+    .expect("decodes");
+    assert_eq!(
+        t.embed.get("chain").and_then(Value::as_seq).map(<[_]>::len),
+        Some(2)
+    );
+}
+
 #[test]
 fn protocol_v1_dict_body() {
     let body = br#"{"task": "proj.tasks.add", "id": "d8b8e3fe", "args": [1, 2], "kwargs": {"z": 3}, "group": null, "group_index": null,

@@ -181,6 +181,11 @@ pub fn parse_datetime(s: &str) -> Option<Value> {
 }
 
 /// Encodes a [`Value`] as kombu's JSON encoder would.
+///
+/// A [`Value::Object`] is written as the plain value Python's `json` sees in
+/// it ([`super::value::DataObject::plain`]): a signature as its dict, a
+/// `PassthroughDataset` as its name. That is what a Python worker would
+/// send, and it is lossy for the dataset, as it is in Python.
 pub fn to_json(v: &Value) -> serde_json::Value {
     use serde_json::json;
     match v {
@@ -222,6 +227,11 @@ pub fn to_json(v: &Value) -> serde_json::Value {
         } => json!((*days as f64) * 86400.0 + (*seconds as f64) + (*microseconds as f64) / 1e6),
         Value::Decimal(d) => json!({"__type__": "decimal", "__value__": d}),
         Value::Uuid(u) => json!({"__type__": "uuid", "__value__": {"hex": u.simple().to_string()}}),
+        // kombu has no wrapper for objects; Python's json writes a str
+        // subclass as the str (a PassthroughDataset's inline data is lost)
+        // and a dict subclass as the dict (a Signature's dict, which
+        // Celery turns back into a signature on receipt). See DataObject::plain.
+        Value::Object(o) => to_json(&o.plain()),
     }
 }
 
@@ -320,6 +330,39 @@ mod tests {
     fn deep_nesting_is_refused_not_a_stack_overflow() {
         let deep = "[".repeat(100_000) + &"]".repeat(100_000);
         assert!(decode(deep.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn data_objects_encode_as_python_json_sees_them() {
+        use crate::protocol::value::{DataClass, DataObject};
+        let sig = Value::Object(Box::new(DataObject::new(
+            DataClass::CelerySignature,
+            vec![Value::dict([
+                ("task", Value::from("t")),
+                ("args", Value::Tuple(vec![Value::Int(1)])),
+            ])],
+            Value::None,
+        )));
+        let pd = Value::Object(Box::new(DataObject::new(
+            DataClass::PassthroughDataset,
+            vec![Value::from("./system/passthrough/0123")],
+            Value::dict([("_passthrough_data", Value::List(vec![Value::Int(1)]))]),
+        )));
+        // What kombu.utils.json.dumps writes for the same objects.
+        assert_eq!(
+            String::from_utf8(encode(&Value::List(vec![sig, pd]))).expect("utf-8"),
+            r#"[{"task":"t","args":[1]},"./system/passthrough/0123"]"#
+        );
+        // Not a data-class shape (hand-built): the parts, no class to import.
+        let odd = Value::Object(Box::new(DataObject {
+            class: "os.system".into(),
+            args: vec![Value::from("id")],
+            state: Value::None,
+        }));
+        assert_eq!(
+            to_json(&odd),
+            serde_json::json!({"class": "os.system", "args": ["id"], "state": null})
+        );
     }
 
     #[test]

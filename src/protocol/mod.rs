@@ -17,6 +17,7 @@
 //! | [`message`] | Celery protocol v2 and v1 → [`TaskMessage`] |
 //! | [`result`] | result metadata (STARTED/SUCCESS/FAILURE/REVOKED) and exception payloads |
 //! | [`result_codec`] | [`ResultMeta`] → the bytes/messages result backends write, per [`Serializer`] |
+//! | [`typed_json`] | lossless typed JSON of a [`Value`], for a Python child process (never pickle) |
 
 pub mod compression;
 pub mod envelope;
@@ -26,6 +27,7 @@ pub mod pickle;
 pub mod publish;
 pub mod result;
 pub mod result_codec;
+pub mod typed_json;
 pub mod value;
 
 pub use message::{
@@ -34,4 +36,4 @@ pub use message::{
 };
 pub use result::{ExceptionInfo, ResultMeta, State};
 pub use result_codec::Serializer;
-pub use value::Value;
+pub use value::{DataClass, DataObject, Value};

@@ -10,6 +10,26 @@
 //! that names it (`forbidden pickle global 'posix.system'`), so an operator
 //! can see what a client tried to send.
 //!
+//! A second, separate allow-list holds the *data classes* omega|ml's clients
+//! put in task messages ([`DataClass`]): `PassthroughDataset` (inline data
+//! for `om.runtime.model(...).predict(data)`) and `celery.canvas.signature`
+//! (chain/link/chord entries in the `embed`). They decode to
+//! [`Value::Object`] (class + arguments + state), each only in the shape
+//! CPython writes for it:
+//!
+//! * `PassthroughDataset`: `NEWOBJ`/`NEWOBJ_EX` with exactly one `str`
+//!   argument and no keyword arguments (protocols 2–5), or
+//!   `copyreg._reconstructor(PassthroughDataset, str, <str>)` (protocols
+//!   0–1); then optionally one `BUILD` with a `dict` state.
+//! * `celery.canvas.signature`: `REDUCE` with exactly one `dict` argument.
+//!   (`celery.canvas.Signature` itself is never written by CPython: every
+//!   canvas class's `__reduce__` returns `signature, (dict(self),)`; so it
+//!   stays forbidden.)
+//!
+//! Everything inside (the signature's dict, the dataset's state) is decoded
+//! by the same rules and limits as any other content, so a forbidden global
+//! nested in a signature is still refused.
+//!
 //! The decoder never panics and never allocates from a length it has not
 //! checked against the bytes actually present; nesting, stack, memo, element
 //! count and output size are bounded by [`Limits`].
@@ -24,7 +44,7 @@ use std::collections::HashMap;
 
 use chrono::{NaiveDate, NaiveDateTime, NaiveTime};
 
-use super::value::Value;
+use super::value::{DataClass, DataObject, Value};
 
 /// Bounds applied while decoding. The defaults are far above anything a
 /// Celery message carries and far below what would hurt the worker.
@@ -179,6 +199,11 @@ enum Global {
     CodecsEncode,
     Reconstructor,
     Object,
+    /// `builtins.str`: only as `copyreg._reconstructor`'s base for a
+    /// `PassthroughDataset` (protocols 0–1).
+    Str,
+    /// A data class (see [`DataClass`]): never called, only recorded.
+    Data(DataClass),
 }
 
 impl Global {
@@ -200,6 +225,8 @@ impl Global {
             Global::CodecsEncode => "_codecs.encode",
             Global::Reconstructor => "copyreg._reconstructor",
             Global::Object => "builtins.object",
+            Global::Str => "builtins.str",
+            Global::Data(d) => d.path(),
         }
     }
 }
@@ -214,9 +241,22 @@ fn normalize_module(module: &str) -> &str {
     }
 }
 
+/// Maps Python 2 global names the same way (`_compat_pickle.NAME_MAPPING`),
+/// after [`normalize_module`]: protocol 0 writes `__builtin__.unicode` for `str`.
+fn normalize_name<'n>(module: &str, name: &'n str) -> &'n str {
+    match (module, name) {
+        ("builtins", "unicode") => "str",
+        (_, other) => other,
+    }
+}
+
 /// What a global name resolves to: a callable, or a constant object.
 fn resolve_global(module: &str, name: &str) -> Result<Node, PickleError> {
     let module = normalize_module(module);
+    let name = normalize_name(module, name);
+    if let Some(d) = DataClass::from_global(module, name) {
+        return Ok(Node::Global(Global::Data(d)));
+    }
     let g = match (module, name) {
         ("datetime", "datetime") => Global::DateTime,
         ("datetime", "date") => Global::Date,
@@ -232,6 +272,7 @@ fn resolve_global(module: &str, name: &str) -> Result<Node, PickleError> {
         ("builtins", "bytearray") => Global::ByteArray,
         ("builtins", "bytes") => Global::Bytes,
         ("builtins", "object") => Global::Object,
+        ("builtins", "str") => Global::Str,
         ("collections", "OrderedDict") => Global::OrderedDict,
         ("_codecs", "encode") => Global::CodecsEncode,
         ("copyreg", "_reconstructor") => Global::Reconstructor,
@@ -259,6 +300,13 @@ enum Node {
     TzInfo(i32),
     /// `uuid.UUID.__new__(UUID)`: waits for `BUILD` with `{'int': n}`.
     PendingUuid,
+    /// An instance of a data class: its constructor arguments and, once
+    /// `BUILD` ran, its state.
+    Object {
+        class: DataClass,
+        args: Vec<usize>,
+        state: Option<usize>,
+    },
 }
 
 impl Node {
@@ -272,6 +320,7 @@ impl Node {
             Node::Global(_) => "global",
             Node::TzInfo(_) => "timezone",
             Node::PendingUuid => "UUID (without state)",
+            Node::Object { class, .. } => class.type_name(),
         }
     }
 }
@@ -562,7 +611,15 @@ impl<'a> Machine<'a> {
     /// obviously unhashable ones rather than build something Python could not.
     fn check_hashable(&self, id: usize) -> Result<(), PickleError> {
         match self.node(id)? {
-            Node::List(_) | Node::Dict(_) | Node::Set(_) | Node::PendingUuid => {
+            Node::List(_)
+            | Node::Dict(_)
+            | Node::Set(_)
+            | Node::PendingUuid
+            // A Signature is a dict subclass.
+            | Node::Object {
+                class: DataClass::CelerySignature,
+                ..
+            } => {
                 Err(self.malformed(format!("unhashable type: '{}'", self.node(id)?.kind())))
             }
             _ => Ok(()),
@@ -848,7 +905,10 @@ impl<'a> Machine<'a> {
                         }
                     };
                     let g = self.callable(callable, "REDUCE")?;
-                    let node = self.call(g, &args)?;
+                    let node = match g {
+                        Global::Data(DataClass::CelerySignature) => self.signature(&args)?,
+                        _ => self.call(g, &args)?,
+                    };
                     self.push(node)?;
                 }
                 INST => {
@@ -1086,13 +1146,8 @@ impl<'a> Machine<'a> {
     /// Applies an allow-listed callable to the argument shapes CPython 3's
     /// `__reduce__` implementations produce. Nothing else is accepted.
     fn call(&self, g: Global, args: &[usize]) -> Result<Node, PickleError> {
-        let shape = || {
-            args.iter()
-                .map(|&a| self.node(a).map(Node::kind).unwrap_or("?"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let unexpected = || self.bad_call(g, format!("unexpected arguments ({})", shape()));
+        let unexpected =
+            || self.bad_call(g, format!("unexpected arguments ({})", self.shape(args)));
         match g {
             Global::DateTime => {
                 let (state, tz) = match args {
@@ -1276,10 +1331,28 @@ impl<'a> Machine<'a> {
                     {
                         Ok(Node::PendingUuid)
                     }
+                    // Protocols 0-1 for a str subclass: str.__new__(cls, text).
+                    [cls, base, text]
+                        if matches!(
+                            self.node(*cls)?,
+                            Node::Global(Global::Data(DataClass::PassthroughDataset))
+                        ) =>
+                    {
+                        if !matches!(self.node(*base)?, Node::Global(Global::Str)) {
+                            return Err(self.bad_call(
+                                g,
+                                "PassthroughDataset must be reconstructed from builtins.str",
+                            ));
+                        }
+                        self.passthrough(&[*text], "copyreg._reconstructor")
+                    }
                     [cls, ..] => match self.node(*cls)? {
                         Node::Global(other) if *other != Global::Uuid => Err(self.bad_call(
                             g,
-                            format!("only uuid.UUID may be reconstructed, not {}", other.name()),
+                            format!(
+                                "only uuid.UUID and PassthroughDataset may be reconstructed, not {}",
+                                other.name()
+                            ),
                         )),
                         _ => Err(unexpected()),
                     },
@@ -1290,7 +1363,63 @@ impl<'a> Machine<'a> {
                 g,
                 "builtins.object is only accepted as copyreg._reconstructor's base",
             )),
+            Global::Str => Err(self.bad_call(
+                g,
+                "builtins.str is only accepted as copyreg._reconstructor's base",
+            )),
+            Global::Data(DataClass::PassthroughDataset) => Err(self.bad_call(
+                g,
+                "only accepted via NEWOBJ/NEWOBJ_EX or copyreg._reconstructor",
+            )),
+            Global::Data(DataClass::CelerySignature) => {
+                Err(self.bad_call(g, "only accepted via REDUCE"))
+            }
         }
+    }
+
+    /// `celery.canvas.signature(d)` via `REDUCE`: exactly one `dict`.
+    fn signature(&self, args: &[usize]) -> Result<Node, PickleError> {
+        let g = Global::Data(DataClass::CelerySignature);
+        match args {
+            [d] if matches!(self.node(*d)?, Node::Dict(_)) => Ok(Node::Object {
+                class: DataClass::CelerySignature,
+                args: vec![*d],
+                state: None,
+            }),
+            _ => Err(self.bad_call(
+                g,
+                format!(
+                    "expects exactly one dict argument, got ({})",
+                    self.shape(args)
+                ),
+            )),
+        }
+    }
+
+    /// `PassthroughDataset` from its constructor arguments: exactly one `str`.
+    fn passthrough(&self, args: &[usize], via: &str) -> Result<Node, PickleError> {
+        match args {
+            [s] if matches!(self.leaf(*s), Some(Value::Str(_))) => Ok(Node::Object {
+                class: DataClass::PassthroughDataset,
+                args: vec![*s],
+                state: None,
+            }),
+            _ => Err(self.bad_call(
+                Global::Data(DataClass::PassthroughDataset),
+                format!(
+                    "{via} expects exactly one str argument, got ({})",
+                    self.shape(args)
+                ),
+            )),
+        }
+    }
+
+    /// The argument kinds, for error messages: `str, dict`.
+    fn shape(&self, args: &[usize]) -> String {
+        args.iter()
+            .map(|&a| self.node(a).map(Node::kind).unwrap_or("?"))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     fn latin1(&self, g: Global, s: &str, enc: &str) -> Result<Vec<u8>, PickleError> {
@@ -1335,18 +1464,58 @@ impl<'a> Machine<'a> {
         match g {
             Global::Uuid if empty_args && empty_kwargs => self.push(Node::PendingUuid),
             Global::Uuid => Err(self.bad_call(g, format!("{op} expects no arguments"))),
+            Global::Data(DataClass::PassthroughDataset) => {
+                if !empty_kwargs {
+                    return Err(self.bad_call(g, format!("{op} expects no keyword arguments")));
+                }
+                let args = match self.node(args)? {
+                    Node::Tuple(a) => a.clone(),
+                    other => {
+                        let kind = other.kind();
+                        return Err(
+                            self.bad_call(g, format!("{op} arguments must be a tuple, not {kind}"))
+                        );
+                    }
+                };
+                let node = self.passthrough(&args, op)?;
+                self.push(node)
+            }
             other => Err(self.bad_call(other, format!("{op} is not accepted for this class"))),
         }
     }
 
-    /// `BUILD`: only a UUID awaiting its `{'int': n}` state.
+    /// `BUILD`: a UUID awaiting its `{'int': n}` state, or a
+    /// `PassthroughDataset` taking its (one) `dict` state.
     fn build(&mut self, target: usize, state: usize) -> Result<(), PickleError> {
+        if let Node::Object {
+            class,
+            state: current,
+            ..
+        } = self.node(target)?
+        {
+            let class = *class;
+            let g = Global::Data(class);
+            if class != DataClass::PassthroughDataset {
+                return Err(self.bad_call(g, "BUILD is not accepted for this class"));
+            }
+            if current.is_some() {
+                return Err(self.bad_call(g, "BUILD applied twice"));
+            }
+            if !matches!(self.node(state)?, Node::Dict(_)) {
+                let kind = self.node(state)?.kind();
+                return Err(self.bad_call(g, format!("BUILD state must be a dict, not {kind}")));
+            }
+            if let Node::Object { state: slot, .. } = self.node_mut(target)? {
+                *slot = Some(state);
+            }
+            return Ok(());
+        }
         if !matches!(self.node(target)?, Node::PendingUuid) {
             let kind = self.node(target)?.kind();
             return Err(PickleError::BadCall {
                 callable: format!("BUILD on {kind}"),
                 at: self.op_at,
-                reason: "only uuid.UUID state is accepted".into(),
+                reason: "only uuid.UUID and PassthroughDataset state is accepted".into(),
             });
         }
         let bad = |m: &Machine, r: &str| m.bad_call(Global::Uuid, r.to_owned());
@@ -1451,6 +1620,14 @@ impl<'a> Machine<'a> {
                     at: 0,
                     reason: "uuid.UUID object without BUILD state".into(),
                 })
+            }
+            Node::Object { class, args, state } => {
+                let args = seq(args, budget, visiting)?;
+                let state = match state {
+                    Some(s) => self.materialize(*s, depth + 1, budget, visiting)?,
+                    None => Value::None,
+                };
+                Value::Object(Box::new(DataObject::new(*class, args, state)))
             }
             Node::Leaf(v) => v.clone(),
         };
@@ -2094,6 +2271,50 @@ fn encode_into(v: &Value, out: &mut Vec<u8>) {
             }
             out.push(SETITEM);
             out.push(BUILD);
+        }
+        Value::Object(o) => encode_object(o, out),
+    }
+}
+
+/// A [`DataObject`] in the shape CPython loads back to an equal object:
+///
+/// * `signature`: `celery.canvas.signature(dict)` via `REDUCE`, exactly
+///   what `Signature.__reduce__` writes (CPython rebuilds the right canvas
+///   class from the dict's `subtask_type`).
+/// * `PassthroughDataset`: `copyreg._reconstructor(cls, str, name)` then
+///   `BUILD` with the state. This is CPython's own protocol 0–1 shape, not
+///   protocol 2's `NEWOBJ`, because `PassthroughDataset.__new__` ignores
+///   its argument and mints a fresh `./system/passthrough/<uuid>` name:
+///   through `NEWOBJ` the loaded object would not equal the one sent,
+///   through `str.__new__` it keeps its name.
+///
+/// An object that is not a valid data-class shape (only ever built by hand)
+/// is written as its plain view ([`DataObject::plain`]), so the encoder never
+/// names a global outside the data-class list.
+fn encode_object(o: &DataObject, out: &mut Vec<u8>) {
+    let (Ok(class), Some(arg)) = (o.data_class(), o.args.first()) else {
+        encode_into(&o.plain(), out);
+        return;
+    };
+    let (module, name) = class.module_and_name();
+    match class {
+        DataClass::CelerySignature => {
+            put_global(out, module, name);
+            encode_into(arg, out);
+            out.push(TUPLE1);
+            out.push(REDUCE);
+        }
+        DataClass::PassthroughDataset => {
+            put_global(out, "copyreg", "_reconstructor");
+            put_global(out, module, name);
+            put_global(out, "builtins", "str");
+            encode_into(arg, out);
+            out.push(TUPLE3);
+            out.push(REDUCE);
+            if !o.state.is_none() {
+                encode_into(&o.state, out);
+                out.push(BUILD);
+            }
         }
     }
 }

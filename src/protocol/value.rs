@@ -4,6 +4,9 @@
 //! rest of the worker never sees a wire format. Only plain data is
 //! representable: there is deliberately no variant for "an arbitrary Python
 //! object", which is what makes the pickle decoder safe (see `pickle.rs`).
+//! The one exception is [`Value::Object`], and it is data too: an instance of
+//! one of the few [`DataClass`]es omega|ml's clients put in task messages,
+//! kept as class name plus constructor arguments plus state.
 
 use chrono::{NaiveDate, NaiveDateTime, NaiveTime};
 
@@ -56,6 +59,168 @@ pub enum Value {
     Decimal(String),
     /// `uuid.UUID`
     Uuid(uuid::Uuid),
+    /// An instance of an allow-listed [`DataClass`], as data: its class
+    /// name, what its constructor received and the state `BUILD` applied.
+    ///
+    /// Only the pickle decoder's explicit data-class allow-list (and
+    /// [`super::typed_json`], which checks the same list) ever produces one.
+    /// A consumer that needs the Python object rebuilds it from this data
+    /// (`cls.__new__` + state, or `signature(dict)`), never by unpickling.
+    /// Boxed so that the common variants keep [`Value`] small.
+    Object(Box<DataObject>),
+}
+
+/// The Python classes whose instances may appear in a decoded value as a
+/// [`Value::Object`]. Each is plain data in disguise, and each is accepted in
+/// exactly one shape (see [`DataClass::check`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DataClass {
+    /// `omegaml.mixins.store.passthrough.PassthroughDataset`: a `str`
+    /// subclass (the name `./system/passthrough/<uuid>`) whose instance
+    /// `__dict__` carries small inline data (`{'_passthrough_data': [[1, 2]]}`)
+    /// that `om.runtime.model(...).predict(data)` sends with the task.
+    PassthroughDataset,
+    /// `celery.canvas.signature`, the function every canvas class's
+    /// `__reduce__` names (`Signature`, `chain`, `group`, `chord`, ... all
+    /// pickle as `signature(dict(self))`), as found in a message's `embed`
+    /// (`chain`, `callbacks`, `errbacks`, `chord`).
+    CelerySignature,
+}
+
+impl DataClass {
+    /// Every data class.
+    pub const ALL: [DataClass; 2] = [DataClass::PassthroughDataset, DataClass::CelerySignature];
+
+    /// The full dotted `module.QualName`, as [`DataObject::class`] holds it.
+    pub fn path(self) -> &'static str {
+        match self {
+            DataClass::PassthroughDataset => "omegaml.mixins.store.passthrough.PassthroughDataset",
+            DataClass::CelerySignature => "celery.canvas.signature",
+        }
+    }
+
+    /// The module and qualified name, as a pickle `GLOBAL` names them.
+    pub fn module_and_name(self) -> (&'static str, &'static str) {
+        match self {
+            DataClass::PassthroughDataset => {
+                ("omegaml.mixins.store.passthrough", "PassthroughDataset")
+            }
+            DataClass::CelerySignature => ("celery.canvas", "signature"),
+        }
+    }
+
+    /// The data class a full dotted path names, if any.
+    pub fn from_path(path: &str) -> Option<DataClass> {
+        Self::ALL.into_iter().find(|c| c.path() == path)
+    }
+
+    /// The data class a (normalized) pickle global names, if any.
+    pub fn from_global(module: &str, name: &str) -> Option<DataClass> {
+        Self::ALL
+            .into_iter()
+            .find(|c| c.module_and_name() == (module, name))
+    }
+
+    /// Python's `type(obj).__name__` for an instance (what error messages show).
+    pub fn type_name(self) -> &'static str {
+        match self {
+            DataClass::PassthroughDataset => "PassthroughDataset",
+            DataClass::CelerySignature => "Signature",
+        }
+    }
+
+    /// The one accepted shape: a `PassthroughDataset` has exactly one `str`
+    /// argument (its name) and a `dict` state or none; a `signature` has
+    /// exactly one `dict` argument and no state. Anything else is refused,
+    /// because the consumer rebuilds the object from exactly these parts.
+    pub fn check(self, args: &[Value], state: &Value) -> Result<(), ObjectShapeError> {
+        let bad = |reason: &'static str| ObjectShapeError {
+            class: self.path().to_owned(),
+            reason,
+        };
+        match self {
+            DataClass::PassthroughDataset => {
+                if !matches!(args, [Value::Str(_)]) {
+                    return Err(bad("expects exactly one str argument"));
+                }
+                if !matches!(state, Value::None | Value::Dict(_)) {
+                    return Err(bad("state must be a dict or None"));
+                }
+            }
+            DataClass::CelerySignature => {
+                if !matches!(args, [Value::Dict(_)]) {
+                    return Err(bad("expects exactly one dict argument"));
+                }
+                if !state.is_none() {
+                    return Err(bad("takes no state"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A [`DataObject`] that is not one of the accepted [`DataClass`] shapes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{class} {reason}")]
+pub struct ObjectShapeError {
+    /// The class path as given.
+    pub class: String,
+    /// What was wrong.
+    pub reason: &'static str,
+}
+
+/// An instance of a [`DataClass`], as data (see [`Value::Object`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataObject {
+    /// Full dotted `module.QualName`, e.g. `celery.canvas.signature`.
+    pub class: String,
+    /// What the constructor received: `NEWOBJ`'s `cls.__new__(cls, *args)`
+    /// arguments or `REDUCE`'s `callable(*args)` arguments.
+    pub args: Vec<Value>,
+    /// What `BUILD` applied (the instance `__dict__`), [`Value::None`] if nothing.
+    pub state: Value,
+}
+
+impl DataObject {
+    /// A data object of `class` (no check; see [`DataObject::data_class`]).
+    pub fn new(class: DataClass, args: Vec<Value>, state: Value) -> Self {
+        DataObject {
+            class: class.path().to_owned(),
+            args,
+            state,
+        }
+    }
+
+    /// The [`DataClass`] this object is a valid instance of, or why not.
+    /// Encoders write the class's own pickle shape only when this succeeds.
+    pub fn data_class(&self) -> Result<DataClass, ObjectShapeError> {
+        let class = DataClass::from_path(&self.class).ok_or_else(|| ObjectShapeError {
+            class: self.class.clone(),
+            reason: "is not an allow-listed data class",
+        })?;
+        class.check(&self.args, &self.state)?;
+        Ok(class)
+    }
+
+    /// The plain value Python's `json` (kombu's JSON encoder) and py-amqp
+    /// see in this object: a `PassthroughDataset` is a `str` subclass, so its
+    /// name (the inline data is lost, exactly as kombu loses it); a
+    /// `Signature` is a `dict` subclass, so its dict. An object of any other
+    /// shape (only ever built by hand) has no such view and shows as
+    /// `{'class': ..., 'args': [...], 'state': ...}`, which never names a
+    /// global a reader would import.
+    pub fn plain(&self) -> std::borrow::Cow<'_, Value> {
+        use std::borrow::Cow;
+        match (self.data_class(), self.args.first()) {
+            (Ok(_), Some(arg)) => Cow::Borrowed(arg),
+            _ => Cow::Owned(Value::dict([
+                ("class", Value::Str(self.class.clone())),
+                ("args", Value::List(self.args.clone())),
+                ("state", self.state.clone()),
+            ])),
+        }
+    }
 }
 
 impl Value {
@@ -142,6 +307,9 @@ impl Value {
             Value::TimeDelta { .. } => "timedelta",
             Value::Decimal(_) => "Decimal",
             Value::Uuid(_) => "UUID",
+            Value::Object(o) => {
+                DataClass::from_path(&o.class).map_or("object", DataClass::type_name)
+            }
         }
     }
 }
@@ -156,6 +324,11 @@ impl Value {
     /// is approximated without Unicode tables (controls, separators, format
     /// and private-use characters are escaped); a frozenset shows as a set
     /// and a bytearray as bytes, because [`Value`] does not keep them apart.
+    ///
+    /// A [`Value::Object`] shows as the call that rebuilds it from its
+    /// arguments, e.g. `PassthroughDataset('./system/passthrough/…')` or
+    /// `signature({'task': …})`; the state (the passthrough data) is left
+    /// out, as a log line needs the name, not a possibly large payload.
     pub fn repr(&self) -> String {
         let mut out = String::new();
         self.repr_into(&mut out);
@@ -267,6 +440,13 @@ impl Value {
             }
             Value::Uuid(u) => {
                 let _ = write!(out, "UUID('{}')", u.hyphenated());
+            }
+            Value::Object(o) => {
+                let short = o.class.rsplit('.').next().unwrap_or(&o.class);
+                out.push_str(short);
+                out.push('(');
+                repr_seq(&o.args, out);
+                out.push(')');
             }
         }
     }
@@ -519,6 +699,82 @@ mod tests {
             Value::Bytes(b"a'\x00\xff".to_vec()).repr(),
             r#"b"a'\x00\xff""#
         );
+    }
+
+    #[test]
+    fn data_objects_repr_type_and_shape() {
+        let pd = DataObject::new(
+            DataClass::PassthroughDataset,
+            vec![Value::from("./system/passthrough/0123")],
+            Value::dict([("_passthrough_data", Value::List(vec![]))]),
+        );
+        let sig = DataObject::new(
+            DataClass::CelerySignature,
+            vec![Value::dict([("task", Value::from("t"))])],
+            Value::None,
+        );
+        assert_eq!(
+            Value::Object(Box::new(pd.clone())).repr(),
+            "PassthroughDataset('./system/passthrough/0123')"
+        );
+        assert_eq!(
+            Value::Object(Box::new(sig.clone())).repr(),
+            "signature({'task': 't'})"
+        );
+        assert_eq!(
+            Value::Object(Box::new(pd.clone())).type_name(),
+            "PassthroughDataset"
+        );
+        assert_eq!(
+            Value::Object(Box::new(sig.clone())).type_name(),
+            "Signature"
+        );
+        assert_eq!(pd.data_class(), Ok(DataClass::PassthroughDataset));
+        assert_eq!(sig.data_class(), Ok(DataClass::CelerySignature));
+        assert_eq!(*pd.plain(), Value::from("./system/passthrough/0123"));
+        assert_eq!(*sig.plain(), Value::dict([("task", Value::from("t"))]));
+        for (class, args, state, why) in [
+            (
+                "os.system",
+                vec![],
+                Value::None,
+                "os.system is not an allow-listed data class",
+            ),
+            (
+                DataClass::PassthroughDataset.path(),
+                vec![Value::Int(1)],
+                Value::None,
+                "expects exactly one str argument",
+            ),
+            (
+                DataClass::PassthroughDataset.path(),
+                vec![Value::from("n")],
+                Value::List(vec![]),
+                "state must be a dict or None",
+            ),
+            (
+                DataClass::CelerySignature.path(),
+                vec![Value::List(vec![])],
+                Value::None,
+                "expects exactly one dict argument",
+            ),
+            (
+                DataClass::CelerySignature.path(),
+                vec![Value::Dict(vec![])],
+                Value::Dict(vec![]),
+                "takes no state",
+            ),
+        ] {
+            let o = DataObject {
+                class: class.to_owned(),
+                args,
+                state,
+            };
+            let err = o.data_class().expect_err(class).to_string();
+            assert!(err.contains(why), "{err}");
+        }
+        // Keeping Value small is why Object is boxed.
+        assert!(std::mem::size_of::<Value>() <= 32);
     }
 
     #[test]

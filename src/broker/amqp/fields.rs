@@ -192,6 +192,8 @@ fn value_to_amqp_at(v: &Value, depth: usize) -> Result<AMQPValue, BrokerError> {
         ),
         Value::Decimal(text) => decimal_value(text).unwrap_or_else(|| long(text.clone())),
         Value::Uuid(u) => long(u.hyphenated().to_string()),
+        // py-amqp sees a dict (Signature) or str (PassthroughDataset) subclass.
+        Value::Object(o) => return value_to_amqp_at(&o.plain(), depth),
     })
 }
 
