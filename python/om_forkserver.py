@@ -1,11 +1,11 @@
-"""om-worker kernel fork server.
+"""om-worker fork server: notebook kernels and omega|ml task processes.
 
 Started once per worker with the kernel's Python (same interpreter options as the kernelspec),
 with the exact environment and working directory the worker gives its kernels. It imports
 ipykernel's kernel app and a preload list (default ``omegaml`` and the omegaml submodules its
 lazy ``setup()`` imports: pandas, scikit-learn, celery, ...) once, then forks one child per
 request. Each child becomes a fresh IPython kernel in ~tens of ms instead of paying the ~3
-CPU-seconds of imports again.
+CPU-seconds of imports again, or runs one omega|ml Celery task (``om_taskrunner.py``) and exits.
 
 Why this is safe (isolation):
 - every kernel is a new process forked from a pristine parent that never runs user code, never
@@ -26,17 +26,30 @@ printing to stdout cannot corrupt the protocol).
   -> {"op": "fork", "id": N, "argv": [...kernel app args...], "env": {...}, "cwd": "..."|null,
       "rlimit_as": bytes|null}
   <- {"event": "forked", "id": N, "pid": P}  |  {"event": "error", "id": N, "error": "..."}
+  -> {"op": "task", "id": N, "request": "<path of the task request JSON>", "env": {...},
+      "cwd": "..."|null, "rlimit_as": bytes|null}
+  <- {"event": "forked", "id": N, "pid": P}  |  {"event": "error", "id": N, "error": "..."}
+     (the child runs one omega|ml Celery task: ``om_taskrunner.run_file(request)``, see
+     om_taskrunner.py for the request and the outcome files; one child per task, never reused)
   -> {"op": "ping", "id": N}                 <- {"event": "pong", "id": N}
-  <- {"event": "ready", "pid": ..., "preload": {"mod": null | "error text"}, "warnings": [...]}
+  <- {"event": "ready", "pid": ..., "preload": {"mod": null | "error text"}, "warnings": [...],
+      "task_runner": null | "error text"}    (null: the `task` op is available)
   <- {"event": "exit", "pid": P, "code": C} | {"event": "exit", "pid": P, "signal": S}
+     (both with "cpu_s": user+system CPU seconds and "maxrss_kb" of the child, from wait4)
   <- {"event": "fatal", "error": "..."}       (then exit status 2: ipykernel itself unusable)
+
+Kernel and task children share the same preparation (``_prepare_child``): ``setsid()``, default
+signal handlers, the server's descriptors closed, stdin from /dev/null, env/cwd/RLIMIT_AS applied,
+generators reseeded. A task child exits 0 once it has written its outcome (1: it could not write
+it, 2: unusable request); its ``exit`` event is reported as for kernels.
 
 Lifetime: the server exits when its stdin reaches EOF (om-worker exited or dropped the server),
 on SIGTERM/SIGHUP, or when its parent changes; before exiting it SIGKILLs the process groups of
 all its live kernels. Kernels additionally get ``--IPKernelApp.parent_handle=<server pid>``, so
 ipykernel's parent poller ends them within about a second if the server dies by SIGKILL.
 
-Only the standard library and ipykernel are used.
+Only the standard library and ipykernel are used (the task child also uses the preloaded
+omegaml/celery/kombu through om_taskrunner.py, loaded from this script's directory).
 """
 
 import errno
@@ -146,47 +159,47 @@ def _reseed():
             pass
 
 
-def _child(req, close_fds, launcher_file):
-    """Runs in the forked child; never returns."""
+def _prepare_child(req, close_fds):
+    """What every forked child (kernel or task) does first: own session, default signals, the
+    server's descriptors closed, stdin from /dev/null, the request's env/cwd/RLIMIT_AS, reseeded
+    random generators."""
+    os.setsid()
+    signal.set_wakeup_fd(-1)
+    for s in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(s, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # CPython's own startup default
+    for fd in close_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    env = req.get("env")
+    if isinstance(env, dict):
+        os.environ.clear()
+        os.environ.update({str(k): str(v) for k, v in env.items()})
+    cwd = req.get("cwd")
+    if cwd:
+        os.chdir(cwd)
+    limit = req.get("rlimit_as")
+    if isinstance(limit, int) and limit > 0:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    _reseed()
+
+
+def _run_child(req, close_fds, body):
+    """Runs in the forked child; never returns. ``body(req)`` returns the exit status."""
     code = 1
     try:
-        os.setsid()
-        signal.set_wakeup_fd(-1)
-        for s in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(s, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # CPython's own startup default
-        for fd in close_fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.close(devnull)
-        env = req.get("env")
-        if isinstance(env, dict):
-            os.environ.clear()
-            os.environ.update({str(k): str(v) for k, v in env.items()})
-        os.environ["JPY_PARENT_PID"] = str(os.getppid())
-        cwd = req.get("cwd")
-        if cwd:
-            os.chdir(cwd)
-        limit = req.get("rlimit_as")
-        if isinstance(limit, int) and limit > 0:
-            import resource
-
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        _reseed()
-        args = [str(a) for a in req.get("argv") or []]
-        args.append("--IPKernelApp.parent_handle=%d" % os.getppid())
-        sys.argv = [launcher_file] + args
-        from ipykernel import kernelapp
-
-        app = kernelapp.IPKernelApp.instance()
-        app.initialize(args)
-        app.start()
-        code = 0
+        _prepare_child(req, close_fds)
+        code = body(req)
+        if not isinstance(code, int):
+            code = 0 if code is None else 1
     except SystemExit as e:
         if e.code is None:
             code = 0
@@ -215,10 +228,46 @@ def _child(req, close_fds, launcher_file):
         os._exit(code & 0xFF if code >= 0 else 1)
 
 
+def _kernel_body(launcher_file):
+    def body(req):
+        os.environ["JPY_PARENT_PID"] = str(os.getppid())
+        args = [str(a) for a in req.get("argv") or []]
+        args.append("--IPKernelApp.parent_handle=%d" % os.getppid())
+        sys.argv = [launcher_file] + args
+        from ipykernel import kernelapp
+
+        app = kernelapp.IPKernelApp.instance()
+        app.initialize(args)
+        app.start()
+        return 0
+
+    return body
+
+
+def _task_body(runner):
+    def body(req):
+        sys.argv = [getattr(runner, "__file__", None) or "om_taskrunner"]
+        return runner.run_file(req["request"])
+
+    return body
+
+
+def _load_runner():
+    """om_taskrunner.py from this script's directory (sys.path[0] is dropped in main())."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "om_taskrunner.py")
+    spec = importlib.util.spec_from_file_location("om_taskrunner", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["om_taskrunner"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _reap(out_fd):
     while True:
         try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
+            pid, status, ru = os.wait4(-1, os.WNOHANG)
         except ChildProcessError:
             return
         except InterruptedError:
@@ -226,10 +275,11 @@ def _reap(out_fd):
         if pid == 0:
             return
         _children.pop(pid, None)
+        usage = {"cpu_s": round(ru.ru_utime + ru.ru_stime, 6), "maxrss_kb": ru.ru_maxrss}
         if os.WIFSIGNALED(status):
-            _write(out_fd, {"event": "exit", "pid": pid, "signal": os.WTERMSIG(status)})
+            _write(out_fd, {"event": "exit", "pid": pid, "signal": os.WTERMSIG(status), **usage})
         elif os.WIFEXITED(status):
-            _write(out_fd, {"event": "exit", "pid": pid, "code": os.WEXITSTATUS(status)})
+            _write(out_fd, {"event": "exit", "pid": pid, "code": os.WEXITSTATUS(status), **usage})
 
 
 def _on_term(signum, frame):
@@ -243,6 +293,11 @@ def main():
     if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
         del sys.path[0]
     preload = _parse_args(sys.argv[1:])
+    runner, runner_error = None, None
+    try:
+        runner = _load_runner()
+    except BaseException as e:  # kernels still work; `task` requests get an error event
+        runner_error = "%s: %s" % (type(e).__name__, e)
 
     # Private protocol descriptor; fd 1 now goes to stderr.
     out_fd = os.dup(1)
@@ -264,6 +319,9 @@ def main():
             importlib.import_module(mod)
         except BaseException:  # the child imports it itself, as a plain kernel would
             pass
+
+    kernel_body = _kernel_body(launcher_file)
+    task_body = _task_body(runner)
 
     results = {}
     for mod in preload:
@@ -303,7 +361,8 @@ def main():
 
     _write(
         out_fd,
-        {"event": "ready", "pid": os.getpid(), "preload": results, "warnings": warnings},
+        {"event": "ready", "pid": os.getpid(), "preload": results, "warnings": warnings,
+         "task_runner": runner_error},
     )
 
     buf = b""
@@ -346,7 +405,21 @@ def main():
                 op = req.get("op")
                 if op == "ping":
                     _write(out_fd, {"event": "pong", "id": rid})
-                elif op == "fork":
+                elif op in ("fork", "task"):
+                    if op == "fork":
+                        body = kernel_body
+                    elif runner is None:
+                        _write(out_fd, {"event": "error", "id": rid,
+                                        "error": "task runner unavailable: %s" % runner_error})
+                        continue
+                    elif not isinstance(req.get("request"), str) or not req["request"]:
+                        _write(out_fd, {"event": "error", "id": rid,
+                                        "error": "task: 'request' must be a file path"})
+                        continue
+                    else:
+                        # absolute before the child applies the request's cwd
+                        req["request"] = os.path.abspath(req["request"])
+                        body = task_body
                     for stream in (sys.stdout, sys.stderr):
                         stream.flush()
                     try:
@@ -355,7 +428,7 @@ def main():
                         _write(out_fd, {"event": "error", "id": rid, "error": "fork: %s" % e})
                         continue
                     if pid == 0:
-                        _child(req, [out_fd, rfd, wfd], launcher_file)
+                        _run_child(req, [out_fd, rfd, wfd], body)
                     _children[pid] = True
                     _write(out_fd, {"event": "forked", "id": rid, "pid": pid})
                 else:

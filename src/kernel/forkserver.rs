@@ -56,6 +56,10 @@ use super::{Kernel, KernelEnv, KernelError, KernelLauncher, LaunchOptions, Local
 /// The fork server script, shipped inside the binary so a deployed worker needs no extra file.
 pub const FORKSERVER_SCRIPT: &str = include_str!("../../python/om_forkserver.py");
 
+/// The task runner the fork server's `task` op runs in its child (`python/om_taskrunner.py`);
+/// written next to the fork server script, where the server loads it from.
+pub const TASKRUNNER_SCRIPT: &str = include_str!("../../python/om_taskrunner.py");
+
 /// Longest protocol line accepted from the server (a fork reply is < 100 bytes; the ready
 /// message lists the preload results).
 const MAX_LINE: usize = 1 << 20;
@@ -594,6 +598,8 @@ impl ForkServerLauncher {
         let dir = RuntimeDir::create().map_err(|e| format!("runtime dir: {e}"))?;
         let script = dir.0.join("om_forkserver.py");
         std::fs::write(&script, FORKSERVER_SCRIPT).map_err(|e| format!("writing script: {e}"))?;
+        std::fs::write(dir.0.join("om_taskrunner.py"), TASKRUNNER_SCRIPT)
+            .map_err(|e| format!("writing task runner: {e}"))?;
         let mut cmd = tokio::process::Command::new(&plan.interp[0]);
         cmd.args(&plan.interp[1..]).arg(&script);
         if !self.config.default_preload {

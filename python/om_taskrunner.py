@@ -1,0 +1,712 @@
+"""om-worker task runner: runs one omega|ml Celery task in a fresh process, without pickle.
+
+om-worker (Rust) decodes the task message with its own safe decoder and writes a request file;
+the fork server (``om_forkserver.py``, op ``task``) forks a fresh child from its pre-imported
+parent and calls :func:`run` with that request. One child per task, never reused. The message
+is never unpickled in Python: the arguments arrive as *typed JSON* and are rebuilt here from
+data only.
+
+Request (JSON object, written by om-worker)::
+
+    {"task": "omegaml.tasks.omega_predict", "id": "<task id>",
+     "args": <typed JSON list>, "kwargs": <typed JSON {"$dict": ...}>,
+     "request": {"retries": 0, "hostname": "<nodename>", "delivery_info": {...}, "reply_to": ...,
+                 "correlation_id": ..., "root_id": ..., "parent_id": ..., "group": ...,
+                 "group_index": ..., "eta": ..., "expires": ..., "timelimit": [hard, soft],
+                 "origin": ..., "ignore_result": false},          (plain JSON, not typed)
+     "result_serializer": "pickle" | "json",
+     "result_dir": "<private directory>"}
+
+Outcome, written into ``result_dir``:
+
+- ``result.bin``: on SUCCESS when the result is to be stored (not ``ignore_result``): the result
+  value alone, serialized with kombu's registry (``pickle``: ``pickle.dumps(value,
+  protocol=kombu.serialization.pickle_protocol)``, 4 unless ``PICKLE_PROTOCOL`` is set; ``json``:
+  ``kombu.utils.json.dumps``, UTF-8). It is produced inside the backend's ``mark_as_done`` as in
+  Celery, so a value the serializer cannot encode turns into a FAILURE (``EncodeError``) with the
+  task's ``on_failure`` called, exactly as the Python worker reports it.
+- ``exception.bin`` (optional, FAILURE/RETRY with an exception): the exception as Celery's
+  backend would put it into the result meta (``pickle``: ``get_pickleable_exception(exc)``
+  pickled; ``json``: ``{"exc_type", "exc_message", "exc_module"}``). om-worker may splice it
+  instead of rebuilding the exception from ``outcome.json``.
+- ``outcome.json``, LAST and atomically (temp file + ``os.rename``)::
+
+    {"status": "SUCCESS"|"FAILURE"|"RETRY"|"REJECTED"|"IGNORED",
+     "content_type": ..., "content_encoding": ...,        (of result.bin / exception.bin)
+     "result_stored": bool,                                 (result.bin written)
+     "exc_type": ..., "exc_module": ..., "exc_message": <typed JSON list of exc.args>,
+     "traceback": "<text>" | null,
+     "retry": {"countdown": s|null, "eta": iso|null, "max_retries": n|null, "retries": n,
+               "queue": ..., "priority": ..., "options": <typed JSON dict>,
+               "args": <typed JSON list>, "kwargs": <typed JSON dict>},   (args/kwargs only when
+                                                      retry() was given new ones)
+     "requeue": bool,                                       (REJECTED only)
+     "runtime": seconds}
+
+  ``retry`` is present whenever the task called ``self.retry()`` (the republish is captured here
+  instead of published: om-worker republishes); with ``retry(throw=False)`` the status can then
+  still be SUCCESS. REJECTED (``celery.exceptions.Reject``) and IGNORED (``Ignore``) store no
+  result, as in Celery.
+
+Exit status: 0 when outcome.json was written, 1 when it could not be written, 2 for a request
+without a usable ``result_dir``; a task that ends the process itself (``sys.exit``, a signal)
+leaves no outcome.json, which om-worker reports like Celery's ``WorkerLostError``.
+
+How the task runs: like a prefork pool child of ``celery --app omegaml.celeryapp worker``
+(``celery.concurrency.prefork.process_initializer``: default modules imported, logging set up,
+``worker_process_init`` sent, task joins blocking) and then through
+``celery.app.trace.build_tracer(..., eager=False)`` with a request dict built as
+``celery.worker.request.Request`` builds it: ``self.request.is_eager`` is False, the task's
+``before_start``/``on_success``/``on_failure``/``on_retry``/``after_return`` handlers and the
+task signals run as in the worker. The task's backend is a capture proxy: ``mark_as_done``/
+``_failure``/``_retry`` for this task id record the outcome instead of storing it (om-worker
+stores it); everything else (``update_state``, other task ids) goes to the app's real backend.
+``track_started`` is off in the child because om-worker stores STARTED itself. The soft time
+limit (message ``timelimit[1]``, else the task's, else ``task_soft_time_limit``) raises
+``SoftTimeLimitExceeded`` in the task via SIGUSR1, as billiard does; om-worker may also send
+SIGUSR1 itself. The hard limit is om-worker's (it kills the process group).
+
+Typed JSON: ``null``/``true``/``false``/integers/floats/strings/arrays as JSON; one-key objects
+``$float`` ("nan"/"inf"/"-inf"), ``$tuple``, ``$set``, ``$dict`` ([[k, v], ...], all dicts),
+``$bytes`` (base64), ``$int`` (decimal text), ``$datetime``/``$date``/``$time`` (ISO 8601),
+``$timedelta`` ([days, seconds, microseconds]), ``$decimal``, ``$uuid``, and ``$object``
+({"class", "args", "state"}) for the allow-listed classes in :data:`OBJECT_CLASSES` only; any
+other class is refused with a ``TypeError`` before anything is imported.
+
+``python om_taskrunner.py --list-tasks`` prints the task names registered by
+``omegaml.celeryapp`` (without ``celery.*`` builtins) as a JSON list.
+
+Only the standard library plus what the fork server preloads (omegaml, celery, kombu) is used.
+"""
+
+import base64
+import datetime
+import decimal
+import json
+import math
+import os
+import signal
+import sys
+import time
+import traceback
+import uuid as uuid_mod
+
+OUTCOME_FILE = "outcome.json"
+RESULT_FILE = "result.bin"
+EXCEPTION_FILE = "exception.bin"
+SERIALIZERS = ("pickle", "json")
+MAX_DEPTH = 200  # typed JSON nesting (encoding: deeper values become their repr)
+
+_INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+
+
+# =============================================================================================
+# typed JSON -> Python
+# =============================================================================================
+
+def _make_passthrough(args, state, app):
+    from omegaml.mixins.store.passthrough import PassthroughDataset
+
+    cls = PassthroughDataset
+    # as pickle's NEWOBJ + BUILD: cls.__new__(cls, *args), then the instance dict from the state
+    obj = cls.__new__(cls, *args)
+    if state is not None:
+        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+            raise TypeError("typed JSON: PassthroughDataset state must be a dict with str keys")
+        obj.__dict__.update(state)
+    if "_passthrough_data" not in obj.__dict__:
+        raise TypeError("typed JSON: PassthroughDataset without _passthrough_data")
+    return obj
+
+
+def _make_signature(args, state, app):
+    from celery.canvas import signature
+
+    if len(args) != 1 or not isinstance(args[0], dict) or state is not None:
+        raise TypeError("typed JSON: celery.canvas.signature takes exactly one dict argument")
+    return signature(args[0], app=app)
+
+
+#: the only classes a ``$object`` may name; the values build them from data (no name lookup)
+OBJECT_CLASSES = {
+    "omegaml.mixins.store.passthrough.PassthroughDataset": _make_passthrough,
+    "celery.canvas.signature": _make_signature,
+}
+
+_FLOATS = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+
+
+def _expect(cond, tag, what):
+    if not cond:
+        raise ValueError("typed JSON: %s expects %s" % (tag, what))
+
+
+def decode(value, app=None, _depth=0):
+    """Rebuild a Python value from typed JSON (already parsed by ``json.loads``)."""
+    if _depth > MAX_DEPTH:
+        raise ValueError("typed JSON: nesting deeper than %d" % MAX_DEPTH)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    d = _depth + 1
+    if isinstance(value, list):
+        return [decode(v, app, d) for v in value]
+    if not isinstance(value, dict):  # pragma: no cover - json.loads yields nothing else
+        raise TypeError("typed JSON: unexpected %s" % type(value).__name__)
+    if len(value) != 1:
+        raise TypeError("typed JSON: an object must have exactly one $-key, got %r"
+                        % sorted(value)[:5])
+    (tag, v), = value.items()
+    if tag == "$dict":
+        _expect(isinstance(v, list), tag, "a list of [key, value] pairs")
+        out = {}
+        for pair in v:
+            _expect(isinstance(pair, list) and len(pair) == 2, tag, "[key, value] pairs")
+            out[decode(pair[0], app, d)] = decode(pair[1], app, d)
+        return out
+    if tag == "$tuple":
+        _expect(isinstance(v, list), tag, "a list")
+        return tuple(decode(x, app, d) for x in v)
+    if tag == "$set":
+        _expect(isinstance(v, list), tag, "a list")
+        return set(decode(x, app, d) for x in v)
+    if tag == "$float":
+        _expect(v in _FLOATS, tag, '"nan", "inf" or "-inf"')
+        return _FLOATS[v]
+    if tag == "$int":
+        _expect(isinstance(v, str), tag, "decimal text")
+        return int(v, 10)
+    if tag == "$bytes":
+        _expect(isinstance(v, str), tag, "base64 text")
+        return base64.b64decode(v.encode("ascii"), validate=True)
+    if tag == "$datetime":
+        _expect(isinstance(v, str), tag, "ISO 8601 text")
+        return datetime.datetime.fromisoformat(v)
+    if tag == "$date":
+        _expect(isinstance(v, str), tag, "YYYY-MM-DD")
+        return datetime.date.fromisoformat(v)
+    if tag == "$time":
+        _expect(isinstance(v, str), tag, "HH:MM:SS.ffffff")
+        return datetime.time.fromisoformat(v)
+    if tag == "$timedelta":
+        _expect(isinstance(v, list) and len(v) == 3 and all(type(x) is int for x in v), tag,
+                "[days, seconds, microseconds] integers")
+        return datetime.timedelta(days=v[0], seconds=v[1], microseconds=v[2])
+    if tag == "$decimal":
+        _expect(isinstance(v, str), tag, "text")
+        return decimal.Decimal(v)
+    if tag == "$uuid":
+        _expect(isinstance(v, str), tag, "hex text")
+        return uuid_mod.UUID(v)
+    if tag == "$object":
+        _expect(isinstance(v, dict) and isinstance(v.get("class"), str), tag,
+                '{"class": ..., "args": [...], "state": ...}')
+        cls = v["class"]
+        make = OBJECT_CLASSES.get(cls)
+        if make is None:
+            raise TypeError("typed JSON: $object class %r is not allowed (allowed: %s)"
+                            % (cls, ", ".join(sorted(OBJECT_CLASSES))))
+        args = v.get("args") or []
+        _expect(isinstance(args, list), tag, "args as a list")
+        args = [decode(a, app, d) for a in args]
+        state = v.get("state")
+        state = None if state is None else decode(state, app, d)
+        return make(args, state, app)
+    raise TypeError("typed JSON: unknown tag %r" % (tag,))
+
+
+# =============================================================================================
+# Python -> typed JSON (exception args, retry arguments)
+# =============================================================================================
+
+def encode(value, _depth=0):
+    """Typed JSON for a Python value; what it cannot represent becomes its ``repr()``."""
+    try:
+        return _encode(value, _depth)
+    except Exception:
+        return _safe_repr(value)
+
+
+def _safe_repr(value):
+    try:
+        return repr(value)
+    except Exception as e:  # noqa: BLE001 - a broken __repr__
+        return "<unrepresentable %s: %r>" % (type(value).__name__, e)
+
+
+def _encode(value, depth):
+    if depth > MAX_DEPTH:
+        return _safe_repr(value)
+    d = depth + 1
+    t = type(value)
+    if value is None or t is bool or t is str:
+        return value
+    if t is int:
+        return value if _INT64_MIN <= value <= _INT64_MAX else {"$int": str(value)}
+    if t is float:
+        if math.isnan(value):
+            return {"$float": "nan"}
+        if math.isinf(value):
+            return {"$float": "inf" if value > 0 else "-inf"}
+        return value
+    if t is list:
+        return [_encode(v, d) for v in value]
+    if t is tuple:
+        return {"$tuple": [_encode(v, d) for v in value]}
+    if t is dict:
+        return {"$dict": [[_encode(k, d), _encode(v, d)] for k, v in value.items()]}
+    if t in (set, frozenset):
+        return {"$set": [_encode(v, d) for v in value]}
+    if t in (bytes, bytearray):
+        return {"$bytes": base64.b64encode(bytes(value)).decode("ascii")}
+    if isinstance(value, datetime.datetime):
+        return {"$datetime": value.isoformat(timespec="microseconds")}
+    if isinstance(value, datetime.date):
+        return {"$date": value.isoformat()}
+    if isinstance(value, datetime.time):
+        return {"$time": value.isoformat(timespec="microseconds")}
+    if isinstance(value, datetime.timedelta):
+        return {"$timedelta": [value.days, value.seconds, value.microseconds]}
+    if isinstance(value, decimal.Decimal):
+        return {"$decimal": str(value)}
+    if isinstance(value, uuid_mod.UUID):
+        return {"$uuid": value.hex}
+    name = "%s.%s" % (t.__module__, t.__qualname__)
+    if name == "omegaml.mixins.store.passthrough.PassthroughDataset":
+        return {"$object": {"class": name, "args": [str.__str__(value)],
+                            "state": _encode(dict(value.__dict__), d)}}
+    if name == "celery.canvas.Signature":
+        return {"$object": {"class": "celery.canvas.signature", "args": [_encode(dict(value), d)],
+                            "state": None}}
+    # subclasses of the plain types (IntEnum, str subclasses, OrderedDict, ...) as their base
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return _encode(int(value), d)
+    if isinstance(value, float):
+        return _encode(float(value), d)
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, dict):
+        return {"$dict": [[_encode(k, d), _encode(v, d)] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return _encode(list(value) if isinstance(value, list) else tuple(value), d)
+    return _safe_repr(value)
+
+
+# =============================================================================================
+# the app, set up as a prefork pool child of `celery --app omegaml.celeryapp worker`
+# =============================================================================================
+
+_app = None
+
+
+def load_app():
+    """``omegaml.celeryapp.app`` with all of omega|ml's task modules imported."""
+    global _app
+    if _app is None:
+        from omegaml.celeryapp import app
+
+        app.loader.import_default_modules()  # autodiscover_tasks(OMEGA_CELERY_IMPORTS)
+        app.finalize(auto=True)
+        _app = app
+    return _app
+
+
+def list_tasks(app=None):
+    app = app or load_app()
+    return sorted(n for n in app.tasks.keys() if not n.startswith("celery."))
+
+
+def _init_worker_process(app, hostname):
+    """What ``celery.concurrency.prefork.process_initializer`` does in a forked pool child."""
+    from celery import platforms, signals
+    from celery._state import _set_task_join_will_block, set_default_app
+    from celery.app import trace as trace_mod
+
+    platforms.set_pdeathsig("SIGKILL")  # ends with the fork server, as a pool child with its worker
+    _set_task_join_will_block(True)  # result.get() inside a task raises, as in the worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # WORKER_SIGIGNORE
+    app.loader.init_worker()
+    app.loader.init_worker_process()
+    app.log.setup(int(os.environ.get("CELERY_LOG_LEVEL", 0) or 0),
+                  os.environ.get("CELERY_LOG_FILE") or None,
+                  bool(os.environ.get("CELERY_LOG_REDIRECT", False)),
+                  str(os.environ.get("CELERY_LOG_REDIRECT_LEVEL")),
+                  hostname=hostname)
+    app.set_current()
+    set_default_app(app)
+    app.finalize()
+    trace_mod._tasks = app._tasks
+    # omega|ml connects fix_multiprocessing and preload_frameworks (omegaml/tasks.py); a receiver
+    # that raises is logged by Celery's Signal.send, as in the worker.
+    signals.worker_process_init.send(sender=hostname)
+
+
+# =============================================================================================
+# serialization and the capture backend
+# =============================================================================================
+
+def serialize(value, serializer):
+    """(content_type, content_encoding, bytes) exactly as kombu's registry encodes ``value``."""
+    from kombu.serialization import registry
+
+    content_type, content_encoding, data = registry.dumps(value, serializer=serializer)
+    if isinstance(data, str):
+        data = data.encode(content_encoding if content_encoding not in (None, "binary") else "utf-8")
+    return content_type, content_encoding, data
+
+
+def prepare_exception(exc, serializer):
+    """``celery.backends.base.BaseBackend.prepare_exception`` for the given serializer."""
+    from celery.utils.serialization import ensure_serializable, get_pickleable_exception
+
+    if serializer == "pickle":
+        return get_pickleable_exception(exc)
+    exctype = type(exc)
+    return {"exc_type": getattr(exctype, "__qualname__", exctype.__name__),
+            "exc_message": ensure_serializable(exc.args, lambda v: serialize(v, serializer)),
+            "exc_module": exctype.__module__}
+
+
+class CaptureBackend:
+    """The task's backend in the child: records this task's outcome instead of storing it.
+
+    ``mark_as_done``/``mark_as_failure``/``mark_as_retry`` for the running task id are captured
+    (the value is serialized here, so an unencodable result raises kombu's ``EncodeError`` inside
+    the tracer as the real backend's ``store_result`` would); any other call, or another task id,
+    goes to the app's real backend (``update_state`` progress, ``AsyncResult`` of subtasks)."""
+
+    def __init__(self, app, task_id, serializer):
+        self._app = app
+        self._task_id = task_id
+        self._serializer = serializer
+        self.outcome = None  # (state, value or exc, traceback)
+        self.result = None  # (content_type, content_encoding, bytes) when stored
+
+    @property
+    def _real(self):
+        return self._app.backend
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def mark_as_done(self, task_id, result, request=None, store_result=True, state=None):
+        if task_id != self._task_id:
+            return self._real.mark_as_done(task_id, result, request=request,
+                                           store_result=store_result,
+                                           **({"state": state} if state else {}))
+        from celery.result import ResultBase
+
+        if store_result:
+            value = result
+            if self._serializer != "pickle" and isinstance(value, ResultBase):
+                value = value.as_tuple()  # BaseBackend.prepare_value
+            self.result = serialize(value, self._serializer)
+        self.outcome = ("SUCCESS", result, None)
+
+    def mark_as_failure(self, task_id, exc, traceback=None, request=None, store_result=True,
+                        call_errbacks=True, state=None):
+        if task_id != self._task_id:
+            return self._real.mark_as_failure(task_id, exc, traceback=traceback, request=request,
+                                              store_result=store_result,
+                                              call_errbacks=call_errbacks,
+                                              **({"state": state} if state else {}))
+        self.outcome = ("FAILURE", exc, traceback)
+
+    def mark_as_retry(self, task_id, exc, traceback=None, request=None, store_result=True,
+                      state=None):
+        if task_id != self._task_id:
+            return self._real.mark_as_retry(task_id, exc, traceback=traceback, request=request,
+                                            store_result=store_result,
+                                            **({"state": state} if state else {}))
+        self.outcome = ("RETRY", exc, traceback)
+
+    def process_cleanup(self):
+        real = getattr(self._app._local, "backend", None)  # only if the task created it
+        if real is not None:
+            real.process_cleanup()
+
+    def prepare_exception(self, exc, serializer=None):
+        return prepare_exception(exc, serializer or self._serializer)
+
+
+# =============================================================================================
+# outcome files
+# =============================================================================================
+
+def _write_atomic(directory, name, data):
+    tmp = os.path.join(directory, ".%s.tmp" % name)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, os.path.join(directory, name))
+
+
+def _write_outcome(directory, outcome):
+    data = json.dumps(outcome, separators=(",", ":"), allow_nan=False).encode()
+    _write_atomic(directory, OUTCOME_FILE, data)
+
+
+def _exc_fields(exc):
+    """exc_type/exc_module/exc_message as Celery's backend reports them (json flavour, the
+    original class behind an UnpickleableExceptionWrapper)."""
+    if exc is None:
+        return {"exc_type": None, "exc_module": None, "exc_message": []}
+    from celery.utils.serialization import UnpickleableExceptionWrapper
+
+    if isinstance(exc, UnpickleableExceptionWrapper):
+        return {"exc_type": exc.exc_cls_name, "exc_module": exc.exc_module,
+                "exc_message": [encode(a) for a in (exc.exc_args or ())]}
+    et = type(exc)
+    args = getattr(exc, "args", ())
+    if not isinstance(args, tuple):
+        args = (args,)
+    return {"exc_type": getattr(et, "__qualname__", et.__name__), "exc_module": et.__module__,
+            "exc_message": [encode(a) for a in args]}
+
+
+def _failure(exc, tb_text=None):
+    out = {"status": "FAILURE", "content_type": None, "content_encoding": None,
+           "result_stored": False, "traceback": tb_text}
+    out.update(_exc_fields(exc))
+    return out
+
+
+def _write_exception_bin(directory, exc, serializer, outcome):
+    try:
+        ct, ce, data = serialize(prepare_exception(exc, serializer), serializer)
+        _write_atomic(directory, EXCEPTION_FILE, data)
+        outcome["content_type"], outcome["content_encoding"] = ct, ce
+    except Exception:  # optional file: outcome.json alone describes the exception
+        pass
+
+
+# =============================================================================================
+# running one task
+# =============================================================================================
+
+class _RetryCapture:
+    """Wraps ``task.signature_from_request`` (only ``Task.retry`` calls it in a task process):
+    the retry signature's ``apply_async`` records the republish instead of publishing it."""
+
+    def __init__(self, task, app):
+        self.task = task
+        self.app = app
+        self.info = None
+        self._orig = task.signature_from_request
+
+    def __call__(self, request=None, args=None, kwargs=None, queue=None, **extra):
+        sig = self._orig(request, args, kwargs, queue=queue, **extra)
+        explicit = args is not None or kwargs is not None
+
+        def apply_async(*a, **kw):
+            self.info = self._describe(sig, explicit)
+            return None
+
+        sig.apply_async = apply_async
+        return sig
+
+    def _describe(self, sig, explicit):
+        opts = dict(sig.options)
+        countdown = opts.get("countdown")
+        eta = opts.get("eta")
+        if isinstance(eta, datetime.datetime):
+            eta_text = eta.isoformat(timespec="microseconds")
+        elif isinstance(eta, str):
+            eta_text = eta
+        elif countdown is not None:
+            eta_text = (self.app.now() + datetime.timedelta(seconds=float(countdown))).isoformat(
+                timespec="microseconds")
+        else:
+            eta_text = None
+        max_retries = getattr(self.task, "override_max_retries", None)
+        if max_retries is None:
+            max_retries = self.task.max_retries
+        info = {"countdown": encode(countdown), "eta": eta_text,
+                "max_retries": encode(max_retries), "retries": encode(opts.get("retries")),
+                "queue": encode(opts.get("queue")), "priority": encode(opts.get("priority")),
+                "options": encode({k: v for k, v in opts.items()
+                                   if k not in ("countdown", "eta", "task_id")})}
+        if explicit:
+            info["args"] = encode(list(sig.args))
+            info["kwargs"] = encode(dict(sig.kwargs))
+        return info
+
+
+def _soft_time_limit(task, app, req):
+    tl = req.get("timelimit") or (None, None)
+    soft = tl[1] if isinstance(tl, (list, tuple)) and len(tl) == 2 else None
+    return soft or task.soft_time_limit or app.conf.task_soft_time_limit
+
+
+def _arm_soft_limit(seconds):
+    from billiard.exceptions import SoftTimeLimitExceeded
+
+    def handler(signum, frame):
+        raise SoftTimeLimitExceeded()
+
+    signal.signal(signal.SIGUSR1, handler)  # billiard's soft_timeout_sighandler
+    if seconds and seconds > 0:
+        import threading
+
+        pid = os.getpid()
+        t = threading.Timer(float(seconds), os.kill, (pid, signal.SIGUSR1))
+        t.daemon = True
+        t.start()
+        return t
+    return None
+
+
+def _execute(request, result_dir):
+    name = request.get("task")
+    task_id = request.get("id")
+    serializer = request.get("result_serializer") or "pickle"
+    req_in = request.get("request") or {}
+    if not isinstance(name, str) or not isinstance(task_id, str) or not isinstance(req_in, dict):
+        raise ValueError("request needs 'task' and 'id' strings and a 'request' object")
+    if serializer not in SERIALIZERS:
+        raise ValueError("result_serializer %r is not one of %s" % (serializer, SERIALIZERS))
+    hostname = req_in.get("hostname") or None
+
+    app = load_app()
+    _init_worker_process(app, hostname)
+
+    task = app.tasks.get(name)
+    if task is None:
+        from celery.exceptions import NotRegistered
+
+        return _failure(NotRegistered(name))
+
+    try:
+        args = decode(request.get("args", []), app)
+        kwargs = decode(request.get("kwargs", {"$dict": []}), app)
+        if not isinstance(args, (list, tuple)):
+            raise TypeError("task args must be a list, got %s" % type(args).__name__)
+        args = list(args)
+    except (TypeError, ValueError, OverflowError, RecursionError) as e:
+        return _failure(e if not isinstance(e, RecursionError)
+                        else ValueError("typed JSON: nesting too deep"),
+                        traceback.format_exc())
+
+    # the request dict as celery.worker.request.Request + trace_task_ret build it
+    delivery_info = dict(req_in.get("delivery_info") or {})
+    req = {k: v for k, v in req_in.items()}
+    req.update({
+        "id": task_id, "task": name, "args": args, "kwargs": kwargs,
+        "hostname": hostname, "is_eager": False, "delivery_info": delivery_info,
+        "properties": {"correlation_id": req_in.get("correlation_id"),
+                       "reply_to": req_in.get("reply_to"),
+                       "priority": delivery_info.get("priority")},
+        "callbacks": None, "errbacks": None, "chain": None, "chord": None,
+    })
+    req.setdefault("retries", 0)
+    if req.get("root_id") is None:
+        req["root_id"] = task_id
+
+    from celery.app.trace import build_tracer
+    from celery.exceptions import Reject
+
+    backend = CaptureBackend(app, task_id, serializer)
+    retry_capture = _RetryCapture(task, app)
+    task.backend = backend
+    task.track_started = False  # om-worker stores STARTED itself
+    task.signature_from_request = retry_capture
+    task.__trace__ = build_tracer(name, task, app.loader, hostname, app=app, eager=False)
+
+    timer = _arm_soft_limit(_soft_time_limit(task, app, req))
+    t0 = time.monotonic()
+    try:
+        R, I, T, Rstr = task.__trace__(task_id, args, kwargs, req)
+    except Reject as exc:  # raised outside the body (e.g. an on_success handler)
+        return {"status": "REJECTED", "requeue": bool(exc.requeue), "content_type": None,
+                "content_encoding": None, "result_stored": False, "traceback": None,
+                **_exc_fields(exc.reason if isinstance(exc.reason, BaseException) else None)}
+    finally:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        if timer is not None:
+            timer.cancel()
+
+    out = {"content_type": None, "content_encoding": None, "result_stored": False,
+           "traceback": None, "runtime": round(time.monotonic() - t0, 6)}
+    state = getattr(I, "state", None) if I is not None else None
+    if state in ("REJECTED", "IGNORED"):
+        exc = I.retval
+        out["status"] = state
+        if state == "REJECTED":
+            out["requeue"] = bool(getattr(exc, "requeue", False))
+            reason = getattr(exc, "reason", None)
+            out.update(_exc_fields(reason if isinstance(reason, BaseException) else None))
+        else:
+            out.update(_exc_fields(None))
+    elif backend.outcome is None:
+        # nothing reached the backend: an error outside the body (report_internal_error)
+        exc = getattr(I, "retval", None) if I is not None else None
+        out.update(_failure(exc if isinstance(exc, BaseException)
+                            else RuntimeError("task ended without an outcome"),
+                            getattr(R, "traceback", None)))
+    else:
+        status, value, tb_text = backend.outcome
+        out["status"] = status
+        if status == "SUCCESS":
+            out.update(_exc_fields(None))
+            if backend.result is not None:
+                ct, ce, data = backend.result
+                _write_atomic(result_dir, RESULT_FILE, data)
+                out.update(content_type=ct, content_encoding=ce, result_stored=True)
+        else:
+            out.update(_exc_fields(value))
+            out["traceback"] = tb_text
+            if value is not None:
+                _write_exception_bin(result_dir, value, serializer, out)
+    if retry_capture.info is not None:
+        out["retry"] = retry_capture.info
+    return out
+
+
+def run(request):
+    """Run one task request (a dict, see the module doc); returns the process exit code."""
+    result_dir = request.get("result_dir") if isinstance(request, dict) else None
+    if not isinstance(result_dir, str) or not os.path.isdir(result_dir):
+        sys.stderr.write("om_taskrunner: request has no usable result_dir: %r\n" % (result_dir,))
+        return 2
+    try:
+        outcome = _execute(request, result_dir)
+    except Exception as e:  # runner or setup error: still a FAILURE outcome for the client
+        outcome = _failure(e, traceback.format_exc())
+    try:
+        _write_outcome(result_dir, outcome)
+    except Exception:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def run_file(path):
+    with open(path, "rb") as f:
+        request = json.loads(f.read(), parse_constant=_no_constant)
+    return run(request)
+
+
+def _no_constant(name):
+    raise ValueError("typed JSON: %s is not JSON (use {\"$float\": ...})" % name)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--list-tasks":
+        out_fd = os.dup(1)
+        os.dup2(2, 1)  # imports that print must not corrupt the JSON on stdout
+        names = list_tasks()
+        os.write(out_fd, (json.dumps(names) + "\n").encode())
+        return 0
+    if len(argv) == 1 and not argv[0].startswith("-"):
+        return run_file(argv[0])
+    sys.stderr.write("usage: om_taskrunner.py --list-tasks | om_taskrunner.py REQUEST.json\n")
+    return 2
+
+
+if __name__ == "__main__":
+    if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+        del sys.path[0]
+    sys.exit(main())
