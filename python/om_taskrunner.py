@@ -650,6 +650,7 @@ def _execute(request, result_dir):
         out["status"] = status
         if status == "SUCCESS":
             out.update(_exc_fields(None))
+            out["repr"] = _safe_repr(value)[:1024]  # for om-worker's logs and task events
             if backend.result is not None:
                 ct, ce, data = backend.result
                 _write_atomic(result_dir, RESULT_FILE, data)

@@ -14,10 +14,11 @@ use anyhow::Context as _;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::kernel::{KernelLauncher, KernelTracker};
+use crate::kernel::{ForkServerLauncher, KernelEnv, KernelLauncher, KernelTracker};
 use crate::notebook::executor::{Executor, ExecutorConfig, StreamMerge};
 use crate::redact::mask_url;
 use crate::store::Store;
+use crate::tasks::python_task::{PythonCatalog, PythonRuntime};
 use crate::tasks::run_omegaml_job::RunOmegamlJob;
 
 /// The kernels behind the notebook task, stopped by [`NotebookRuntime::shutdown`].
@@ -31,11 +32,33 @@ pub struct NotebookRuntime {
     /// the task registry, dropped when the worker loop ends) so an idle pool
     /// is stopped in order rather than left to that sweep.
     launcher: Arc<dyn KernelLauncher>,
-    /// Every kernel the launchers started, for the final sweep.
+    /// The fork server under the pool (also forks the Python task children).
+    fork_server: Option<Arc<ForkServerLauncher>>,
+    /// Every kernel (and task child) the launchers started, for the final sweep.
     kernels: KernelTracker,
 }
 
 impl NotebookRuntime {
+    /// The Python tasks omega|ml registers (model, script, genai, …), each run
+    /// in a child forked from the same fork server as the kernels; `native`
+    /// are the names om-worker runs itself.
+    pub fn python_tasks(&self, config: &Config, native: &[&'static str]) -> Arc<PythonCatalog> {
+        let runtime = PythonRuntime {
+            fork_server: self.fork_server.clone(),
+            python: std::path::PathBuf::from(&config.python),
+            env: kernel_env(config).build(),
+            cwd: config.tmp_dir.clone(),
+            scratch: config.tmp_dir.clone(),
+            serializer: config.result_serializer,
+            memory_limit_bytes: kernel_memory_limit(config),
+            kernels: self.kernels.clone(),
+        };
+        Arc::new(PythonCatalog::new(
+            Arc::new(runtime),
+            native.iter().map(|n| n.to_string()),
+        ))
+    }
+
     /// Stops pool refills and the fork server, then ends every kernel still
     /// alive. Call after the worker's last task ended.
     pub async fn shutdown(self) {
@@ -64,7 +87,7 @@ pub async fn notebook_task(config: &Config) -> anyhow::Result<(RunOmegamlJob, No
     std::fs::create_dir_all(&config.tmp_dir)
         .with_context(|| format!("kernel working directory {}", config.tmp_dir.display()))?;
     let kernels = KernelTracker::new();
-    let launcher = kernel_launcher(config, &kernels);
+    let (launcher, fork_server) = kernel_launcher(config, &kernels);
     let mut executor_config = ExecutorConfig::new(Arc::clone(&launcher));
     // The Python worker (nbconvert/nbclient defaults) stores one output per
     // iopub message; so do we, for identical results notebooks.
@@ -94,6 +117,7 @@ pub async fn notebook_task(config: &Config) -> anyhow::Result<(RunOmegamlJob, No
     let runtime = NotebookRuntime {
         executor,
         launcher,
+        fork_server,
         kernels,
     };
     Ok((task, runtime))
@@ -117,21 +141,23 @@ fn mib(m: u64) -> usize {
 /// (python3, [`KernelEnv::omega`], cwd `OMEGA_TMP`), so its kernels match every task; other
 /// requests (another kernelspec) bypass the pool and, if not forkable, the fork server.
 /// Every kernel is registered in `kernels`.
-fn kernel_launcher(config: &Config, kernels: &KernelTracker) -> Arc<dyn KernelLauncher> {
-    use crate::kernel::{
-        ForkServerConfig, ForkServerLauncher, KernelEnv, LaunchOptions, LocalLauncher,
-        PooledLauncher,
-    };
+fn kernel_launcher(
+    config: &Config,
+    kernels: &KernelTracker,
+) -> (Arc<dyn KernelLauncher>, Option<Arc<ForkServerLauncher>>) {
+    use crate::kernel::{ForkServerConfig, LaunchOptions, LocalLauncher, PooledLauncher};
     let python = std::path::PathBuf::from(&config.python);
-    let env = KernelEnv::omega(&config.mongo_url, Some(&config.broker_url));
-    let base: Arc<dyn KernelLauncher> = if config.fork_server {
-        let mut fs = ForkServerConfig::new(python);
+    let env = kernel_env(config);
+    let fork_server = config.fork_server.then(|| {
+        let mut fs = ForkServerConfig::new(python.clone());
         fs.preload = config.preload.clone();
         fs.env = env.clone();
         fs.cwd = Some(config.tmp_dir.clone());
         Arc::new(ForkServerLauncher::new(fs, kernels.clone()))
-    } else {
-        Arc::new(LocalLauncher::new(python, kernels.clone()))
+    });
+    let base: Arc<dyn KernelLauncher> = match &fork_server {
+        Some(fs) => Arc::clone(fs) as Arc<dyn KernelLauncher>,
+        None => Arc::new(LocalLauncher::new(python, kernels.clone())),
     };
     let launcher: Arc<dyn KernelLauncher> = if config.kernel_pool > 0 {
         let template = LaunchOptions {
@@ -159,5 +185,11 @@ fn kernel_launcher(config: &Config, kernels: &KernelTracker) -> Arc<dyn KernelLa
         kernel_pool = config.kernel_pool,
         "kernel launcher"
     );
-    launcher
+    (launcher, fork_server)
+}
+
+/// The environment kernels and task children get: omega|ml's, as the Python
+/// worker gives its tasks.
+fn kernel_env(config: &Config) -> KernelEnv {
+    KernelEnv::omega(&config.mongo_url, Some(&config.broker_url))
 }

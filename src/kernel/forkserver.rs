@@ -202,21 +202,51 @@ impl Server {
         cwd: Option<&PathBuf>,
         rlimit_as: Option<u64>,
     ) -> Result<(i32, watch::Receiver<Option<KernelExit>>), ForkError> {
-        if !self.alive() {
-            return Err(ForkError::Gone);
-        }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        lock(&self.shared.pending).insert(id, tx);
-        let mut line = json!({
+        self.spawn_child(json!({
             "op": "fork",
-            "id": id,
             "argv": args,
             "env": env,
             "cwd": cwd.map(|c| c.to_string_lossy().into_owned()),
             "rlimit_as": rlimit_as,
-        })
-        .to_string();
+        }))
+        .await
+    }
+
+    /// Asks the server for a child that runs one task (`op: task`, see
+    /// `python/om_taskrunner.py`) from the request file `request`.
+    async fn fork_task(
+        &self,
+        request: &std::path::Path,
+        env: &BTreeMap<String, String>,
+        cwd: Option<&PathBuf>,
+        rlimit_as: Option<u64>,
+    ) -> Result<(i32, watch::Receiver<Option<KernelExit>>), ForkError> {
+        self.spawn_child(json!({
+            "op": "task",
+            "request": request.to_string_lossy(),
+            "env": env,
+            "cwd": cwd.map(|c| c.to_string_lossy().into_owned()),
+            "rlimit_as": rlimit_as,
+        }))
+        .await
+    }
+
+    /// Sends one request that forks a child (`req` without its `id`) and
+    /// waits for the server's `forked` reply.
+    async fn spawn_child(
+        &self,
+        mut req: serde_json::Value,
+    ) -> Result<(i32, watch::Receiver<Option<KernelExit>>), ForkError> {
+        if !self.alive() {
+            return Err(ForkError::Gone);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if let Some(obj) = req.as_object_mut() {
+            obj.insert("id".into(), id.into());
+        }
+        let (tx, rx) = oneshot::channel();
+        lock(&self.shared.pending).insert(id, tx);
+        let mut line = req.to_string();
         line.push('\n');
         let written = {
             let mut stdin = self.stdin.lock().await;
@@ -585,6 +615,44 @@ impl ForkServerLauncher {
                 Err(reason)
             }
         }
+    }
+
+    /// Forks a child that runs one task from the request file `request`
+    /// (`python/om_taskrunner.py`), with the server's environment plus
+    /// `extra_env` (a GPU slot's `CUDA_VISIBLE_DEVICES`), in its own session,
+    /// registered in the tracker like a kernel. `Err` when no server can be
+    /// used; the caller then runs the task in a plain process.
+    pub async fn fork_task(
+        &self,
+        request: &std::path::Path,
+        extra_env: &BTreeMap<String, String>,
+        rlimit_as: Option<u64>,
+    ) -> Result<KernelProcess, String> {
+        let spec = self
+            .local
+            .resolve(&self.config.kernel_name)
+            .map_err(|e| e.to_string())?;
+        let plan = self
+            .plan(&spec, &self.config.env, self.config.cwd.as_ref())
+            .map_err(str::to_owned)?;
+        let mut env = plan.env.clone();
+        env.extend(extra_env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        for _attempt in 0..2 {
+            let server = self.server_for(&plan).await?;
+            match server
+                .fork_task(request, &env, self.config.cwd.as_ref(), rlimit_as)
+                .await
+            {
+                Ok((pid, exit)) => {
+                    self.forked.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(pid, server = server.pid, "task child forked");
+                    return Ok(KernelProcess::external(pid, exit, self.local.kernels()));
+                }
+                Err(ForkError::Gone) => continue,
+                Err(ForkError::Failed(e)) => return Err(e),
+            }
+        }
+        Err("fork server gone".into())
     }
 
     fn log_fallback(&self, reason: &str) {

@@ -280,7 +280,8 @@ fn find_in_path(program: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn wrap_memory_limit(argv: Vec<String>, limit: u64, python: &Path) -> Vec<String> {
+/// `argv` wrapped so it runs under an address-space limit of `limit` bytes (see [`LocalLauncher`]).
+pub(crate) fn wrap_memory_limit(argv: Vec<String>, limit: u64, python: &Path) -> Vec<String> {
     if let Some(prlimit) = find_in_path("prlimit") {
         let mut v = vec![
             prlimit.to_string_lossy().into_owned(),

@@ -7,6 +7,7 @@
 
 pub mod execute_scripts;
 pub mod omega_ping;
+pub mod python_task;
 pub mod run_omegaml_job;
 pub mod schedule_omegaml_job;
 
@@ -147,10 +148,20 @@ pub trait Task: Send + Sync {
     async fn run(&self, ctx: TaskContext, msg: &TaskMessage) -> Result<Output, TaskError>;
 }
 
-/// Task name → implementation.
+/// Tasks known only at run time: the Python tasks omega|ml's Celery app
+/// registers (see [`python_task::PythonCatalog`]).
+#[async_trait]
+pub trait TaskSource: Send + Sync {
+    /// The task called `name`, if the source has one (may load the source's
+    /// list on first use).
+    async fn get(&self, name: &str) -> Option<Arc<dyn Task>>;
+}
+
+/// Task name → implementation: om-worker's own tasks, then a [`TaskSource`].
 #[derive(Default, Clone)]
 pub struct Registry {
     tasks: HashMap<&'static str, Arc<dyn Task>>,
+    fallback: Option<Arc<dyn TaskSource>>,
 }
 
 impl Registry {
@@ -171,9 +182,26 @@ impl Registry {
         self.tasks.insert(task.name(), task);
     }
 
-    /// Looks a task up by name.
+    /// Names not registered here are looked up in `source`.
+    pub fn with_fallback(mut self, source: Arc<dyn TaskSource>) -> Self {
+        self.fallback = Some(source);
+        self
+    }
+
+    /// Looks one of om-worker's own tasks up by name.
     pub fn get(&self, name: &str) -> Option<Arc<dyn Task>> {
         self.tasks.get(name).cloned()
+    }
+
+    /// Looks a task up by name: ours first, then the fallback source.
+    pub async fn resolve(&self, name: &str) -> Option<Arc<dyn Task>> {
+        if let Some(t) = self.get(name) {
+            return Some(t);
+        }
+        match &self.fallback {
+            Some(source) => source.get(name).await,
+            None => None,
+        }
     }
 
     /// Registered names, sorted (for `registered` and logs).

@@ -17,7 +17,7 @@ use crate::backend::ReplyTarget;
 use crate::config::UnknownTaskPolicy;
 use crate::protocol::message::{peek_task_id, peek_task_name};
 use crate::protocol::{decode_task, ExceptionInfo, RawMessage, ResultMeta, TaskMessage};
-use crate::tasks::{Output, Registry, Task, TaskError};
+use crate::tasks::{Output, Task, TaskError};
 
 /// How a message is settled on the broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,15 +100,16 @@ pub enum Route {
     End(Verdict),
 }
 
-/// Stage 2: the task name. Unknown names fail with Celery's `NotRegistered`
-/// (and the message is rejected) or are forwarded, as `--unknown-tasks` says.
+/// Stage 2: the task name, as the registry resolved it (`task`). Unknown
+/// names fail with Celery's `NotRegistered` (and the message is rejected) or
+/// are forwarded, as `--unknown-tasks` says.
 pub fn route(
     msg: &TaskMessage,
     queue: &str,
-    registry: &Registry,
+    task: Option<Arc<dyn Task>>,
     policy: &UnknownTaskPolicy,
 ) -> Route {
-    if let Some(task) = registry.get(&msg.name) {
+    if let Some(task) = task {
         return Route::Run(task);
     }
     match policy {
@@ -267,9 +268,8 @@ mod tests {
 
     #[test]
     fn unknown_task_fails_or_forwards() {
-        let reg = Registry::new();
         let m = msg();
-        match route(&m, "q", &reg, &UnknownTaskPolicy::Fail) {
+        match route(&m, "q", None, &UnknownTaskPolicy::Fail) {
             Route::End(v) => {
                 assert_eq!(v.settle, Settle::Reject);
                 let (meta, _) = v.report.expect("a FAILURE for the client");
@@ -283,12 +283,12 @@ mod tests {
             _ => panic!("expected End"),
         }
         assert!(matches!(
-            route(&m, "q", &reg, &UnknownTaskPolicy::Forward("other".into())),
+            route(&m, "q", None, &UnknownTaskPolicy::Forward("other".into())),
             Route::Forward(q) if q == "other"
         ));
-        let builtin = Registry::builtin();
+        let ping = crate::tasks::Registry::builtin().get(&m.name);
         assert!(matches!(
-            route(&m, "q", &builtin, &UnknownTaskPolicy::Fail),
+            route(&m, "q", ping, &UnknownTaskPolicy::Fail),
             Route::Run(_)
         ));
     }

@@ -21,8 +21,10 @@ use super::Shared;
 use crate::backend::ReplyTarget;
 use crate::backoff::Backoff;
 use crate::broker::{Acker, Delivery};
+use crate::config::UnknownTaskPolicy;
 use crate::control::state::RequestGuard;
 use crate::ledger::{Begin, Ledger};
+use crate::protocol::message::{peek_task_id, peek_task_name};
 use crate::protocol::{Outgoing, RawMessage, ResultMeta, TaskMessage};
 use crate::tasks::TaskContext;
 
@@ -31,19 +33,35 @@ pub(super) async fn handle(s: Arc<Shared>, d: Delivery) {
     let received_at = Instant::now();
     let Delivery { message, acker } = d;
     let acker = acker.as_ref();
+    // The name comes from the headers (protocol 2) without decoding the body,
+    // so a task for another worker is forwarded byte for byte even when its
+    // body holds what our decoder refuses.
+    let peeked = peek_task_name(&message);
+    let task = match &peeked {
+        Some(name) => s.registry.resolve(name).await,
+        None => None,
+    };
+    if let (Some(name), None, UnknownTaskPolicy::Forward(queue)) =
+        (&peeked, &task, &s.config.unknown_tasks)
+    {
+        let id = peek_task_id(&message).unwrap_or_else(|| "?".into());
+        return forward(&s, &message, &id, name, queue, acker).await;
+    }
     let msg = match decide::decode(&message) {
         Ok(m) => m,
         Err(v) => return conclude(s.backend.as_ref(), acker, "malformed", v).await,
     };
-    let task = match decide::route(
-        &msg,
-        &message.routing_key,
-        &s.registry,
-        &s.config.unknown_tasks,
-    ) {
+    // Protocol 1 carries the name in the body only.
+    let task = match (task, &peeked) {
+        (None, None) => s.registry.resolve(&msg.name).await,
+        (task, _) => task,
+    };
+    let task = match decide::route(&msg, &message.routing_key, task, &s.config.unknown_tasks) {
         Route::Run(task) => task,
         Route::End(v) => return conclude(s.backend.as_ref(), acker, &msg.id, v).await,
-        Route::Forward(queue) => return forward(&s, &message, &msg, &queue, acker).await,
+        Route::Forward(queue) => {
+            return forward(&s, &message, &msg.id, &msg.name, &queue, acker).await
+        }
     };
     let mut req = s.state.received(&msg, &message);
     if !admitted(&s, &msg, acker, &req).await {
@@ -225,7 +243,14 @@ async fn claim(
 
 /// `--unknown-tasks forward:<queue>`: the message goes on unchanged; if the
 /// publish fails it goes back on its own queue rather than being lost.
-async fn forward(s: &Shared, raw: &RawMessage, msg: &TaskMessage, queue: &str, acker: &dyn Acker) {
+async fn forward(
+    s: &Shared,
+    raw: &RawMessage,
+    task_id: &str,
+    name: &str,
+    queue: &str,
+    acker: &dyn Acker,
+) {
     let out = Outgoing {
         body: raw.body.clone(),
         content_type: raw.content_type.clone().unwrap_or_default(),
@@ -239,16 +264,16 @@ async fn forward(s: &Shared, raw: &RawMessage, msg: &TaskMessage, queue: &str, a
     };
     let how = match s.broker.publish("", queue, out).await {
         Ok(()) => {
-            info!(task_id = %msg.id, "forwarded unregistered task {:?} to queue {queue:?}", msg.name);
+            info!(task_id = %task_id, "forwarded unregistered task {name:?} to queue {queue:?}");
             Settle::Ack
         }
         Err(e) => {
             // Not lost: back on its queue for another worker (or us, later).
-            tracing::error!(task_id = %msg.id, "forwarding to {queue:?} failed, requeueing: {e}");
+            tracing::error!(task_id = %task_id, "forwarding to {queue:?} failed, requeueing: {e}");
             Settle::Requeue
         }
     };
-    conclude(s.backend.as_ref(), acker, &msg.id, Verdict::settle(how)).await;
+    conclude(s.backend.as_ref(), acker, task_id, Verdict::settle(how)).await;
 }
 
 /// Marks a task id as running here for as long as it lives: a second

@@ -1,0 +1,477 @@
+//! Every other omega|ml task (`omegaml.tasks.omega_fit`, `omega_predict`, …,
+//! `omegaml.backends.package.tasks.run_omega_script`, …): run by omega|ml's
+//! own task function in a fresh Python child, one per task.
+//!
+//! Why a child and not a port: these tasks are omega|ml's model, script and
+//! genai code paths (scikit-learn, keras, user packages); only omega|ml's
+//! Python can run them faithfully. What om-worker keeps for itself is
+//! everything around the call:
+//!
+//! - **The message is never unpickled in Python.** The worker has decoded it
+//!   with its allow-list decoder; the child gets the arguments as typed JSON
+//!   (`protocol::typed_json`) in a private request file and rebuilds them as
+//!   data (`python/om_taskrunner.py`).
+//! - **One fresh child per task**, forked from the fork server (omega|ml and
+//!   its frameworks already imported, so a task does not pay ~3 CPU-s of
+//!   imports as under omega|ml's `--max-tasks-per-child 1`), in its own
+//!   session, with the kernels' environment, the task slot's GPU and the
+//!   per-task memory limit. Nothing is reused between tasks. Without a fork
+//!   server the runner is started as a plain process (slower, same result).
+//! - **The child serializes its return value itself** with the worker's
+//!   result serializer; the worker relays those bytes (`Output::Serialized`)
+//!   without decoding them. Exceptions come back as type, module, arguments
+//!   and traceback, and are stored as a Python worker stores them.
+//! - **A child that dies** (segfault, OOM kill, `os._exit`) is a FAILURE with
+//!   Celery's `WorkerLostError`; cancellation (time limits, revoke with
+//!   terminate, shutdown) ends its whole process group.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use serde_json::json;
+use tracing::{debug, info, warn};
+
+use super::{gpu_env_for_slot, CancelReason, Output, Task, TaskContext, TaskError, TaskSource};
+use crate::kernel::{ForkServerLauncher, KernelExit, KernelProcess, KernelTracker};
+use crate::protocol::result::SerializedValue;
+use crate::protocol::typed_json::{from_typed_json, to_typed_json};
+use crate::protocol::{ExceptionInfo, Serializer, TaskMessage, Value};
+
+/// What every Python task shares: how to start a child and what it gets.
+pub struct PythonRuntime {
+    /// The fork server (None: `--no-fork-server`, children are plain processes).
+    pub fork_server: Option<Arc<ForkServerLauncher>>,
+    /// The kernel Python (plain-process children).
+    pub python: PathBuf,
+    /// Environment of plain-process children (the fork server's own otherwise).
+    pub env: BTreeMap<String, String>,
+    /// Working directory of plain-process children (`OMEGA_TMP`).
+    pub cwd: PathBuf,
+    /// Where request/result directories are made (private, 0700).
+    pub scratch: PathBuf,
+    /// The worker's result serializer: the child writes results with it.
+    pub serializer: Serializer,
+    /// Address-space limit per child (`--kernel-memory-mb`).
+    pub memory_limit_bytes: Option<u64>,
+    /// Registers plain-process children for the shutdown sweep.
+    pub kernels: KernelTracker,
+}
+
+/// One omega|ml task name run in a Python child.
+pub struct PythonTask {
+    name: &'static str,
+    runtime: Arc<PythonRuntime>,
+}
+
+impl PythonTask {
+    /// The task `name` (as omega|ml's Celery app registers it). Names are
+    /// leaked once at start-up: the registry keys by `&'static str`, and a
+    /// worker registers a fixed, small set.
+    pub fn new(name: &str, runtime: Arc<PythonRuntime>) -> Self {
+        PythonTask {
+            name: Box::leak(name.to_owned().into_boxed_str()),
+            runtime,
+        }
+    }
+}
+
+/// `outcome.json`, written last by the child (see `python/om_taskrunner.py`).
+#[derive(Debug, Deserialize)]
+struct Outcome {
+    status: String,
+    #[serde(default)]
+    exc_type: Option<String>,
+    #[serde(default)]
+    exc_module: Option<String>,
+    #[serde(default)]
+    exc_message: Option<serde_json::Value>,
+    #[serde(default)]
+    traceback: Option<String>,
+    #[serde(default)]
+    repr: Option<String>,
+}
+
+#[async_trait]
+impl Task for PythonTask {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    async fn run(&self, ctx: TaskContext, msg: &TaskMessage) -> Result<Output, TaskError> {
+        let rt = &self.runtime;
+        // Private (0700), removed when dropped, swept at start-up if a crash left it.
+        let dir = crate::kernel::launcher::RuntimeDir::create()
+            .map_err(|e| internal(format!("cannot create the task's directory: {e}")))?;
+        let dir_path = dir.0.clone();
+        let request_path = dir_path.join("request.json");
+        let request = request_json(msg, &ctx, rt.serializer, &dir_path);
+        std::fs::write(&request_path, request.to_string())
+            .map_err(|e| internal(format!("cannot write the task request: {e}")))?;
+        let mut extra_env = BTreeMap::new();
+        if let Some(gpu) = gpu_env_for_slot(&ctx.gpus, ctx.slot) {
+            extra_env.insert("CUDA_VISIBLE_DEVICES".to_owned(), gpu);
+        }
+        let child = self.start(&request_path, &extra_env).await?;
+        debug!(task_id = %msg.id, pid = child.pid(), "task child started");
+        let exit = tokio::select! {
+            exit = child.exited() => exit,
+            _ = ctx.cancel.cancelled() => {
+                child.kill().await;
+                return Err(cancelled(&ctx));
+            }
+        };
+        // Whatever it started in its session ends with it.
+        child.kill().await;
+        read_outcome(&dir_path, exit, rt.serializer)
+    }
+}
+
+impl PythonTask {
+    /// Forks the child from the server, else starts the runner as a plain process.
+    async fn start(
+        &self,
+        request: &Path,
+        extra_env: &BTreeMap<String, String>,
+    ) -> Result<KernelProcess, TaskError> {
+        let rt = &self.runtime;
+        if let Some(fs) = &rt.fork_server {
+            match fs
+                .fork_task(request, extra_env, rt.memory_limit_bytes)
+                .await
+            {
+                Ok(child) => return Ok(child),
+                Err(e) => warn!("fork server cannot run the task ({e}); starting a plain process"),
+            }
+        }
+        let script = rt.scratch.join("om_taskrunner.py");
+        if !script.exists() {
+            std::fs::write(&script, crate::kernel::forkserver::TASKRUNNER_SCRIPT)
+                .map_err(|e| internal(format!("cannot write the task runner: {e}")))?;
+        }
+        let mut argv = vec![
+            rt.python.to_string_lossy().into_owned(),
+            script.to_string_lossy().into_owned(),
+            request.to_string_lossy().into_owned(),
+        ];
+        if let Some(limit) = rt.memory_limit_bytes {
+            argv = crate::kernel::launcher::wrap_memory_limit(argv, limit, &rt.python);
+        }
+        let mut cmd = tokio::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .env_clear()
+            .envs(&rt.env)
+            .envs(extra_env)
+            .current_dir(&rt.cwd)
+            .stdin(std::process::Stdio::null())
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .map_err(|e| internal(format!("cannot start {}: {e}", rt.python.display())))?;
+        KernelProcess::adopt(child, &rt.kernels)
+            .map_err(|e| internal(format!("cannot track the task process: {e}")))
+    }
+}
+
+/// The request file: the task, its arguments as typed JSON, Celery's request
+/// fields, the serializer and where to write the outcome.
+fn request_json(
+    msg: &TaskMessage,
+    ctx: &TaskContext,
+    serializer: Serializer,
+    result_dir: &Path,
+) -> serde_json::Value {
+    let kwargs = Value::Dict(
+        msg.kwargs
+            .iter()
+            .map(|(k, v)| (Value::Str(k.clone()), v.clone()))
+            .collect(),
+    );
+    let time = |t: Option<chrono::DateTime<chrono::Utc>>| t.map(|t| t.to_rfc3339());
+    json!({
+        "task": msg.name,
+        "id": msg.id,
+        "args": to_typed_json(&Value::List(msg.args.clone())),
+        "kwargs": to_typed_json(&kwargs),
+        "request": {
+            "retries": msg.retries,
+            "hostname": ctx.nodename,
+            "reply_to": msg.reply_to,
+            "correlation_id": msg.id,
+            "root_id": msg.root_id,
+            "parent_id": msg.parent_id,
+            "group": msg.group,
+            "group_index": msg.group_index,
+            "eta": time(msg.eta),
+            "expires": time(msg.expires),
+            "timelimit": [msg.hard_time_limit, msg.soft_time_limit],
+            "origin": msg.origin,
+            "ignore_result": msg.ignore_result.unwrap_or(false),
+        },
+        "result_serializer": serializer.as_str(),
+        "result_dir": result_dir.to_string_lossy(),
+    })
+}
+
+/// Turns what the child left (and how it ended) into the task's outcome.
+fn read_outcome(dir: &Path, exit: KernelExit, serializer: Serializer) -> Result<Output, TaskError> {
+    let outcome = match std::fs::read(dir.join("outcome.json")) {
+        Ok(bytes) => serde_json::from_slice::<Outcome>(&bytes)
+            .map_err(|e| internal(format!("unreadable task outcome: {e}")))?,
+        // No outcome: the child died before it could write one.
+        Err(_) => return Err(worker_lost(exit)),
+    };
+    match outcome.status.as_str() {
+        "SUCCESS" => {
+            let bytes = std::fs::read(dir.join("result.bin"))
+                .map_err(|e| internal(format!("task result missing: {e}")))?;
+            Ok(Output::Serialized(SerializedValue {
+                serializer,
+                bytes,
+                repr: outcome.repr.unwrap_or_else(|| "<result>".into()),
+            }))
+        }
+        "FAILURE" | "RETRY" | "REJECTED" | "IGNORED" => {
+            if outcome.status != "FAILURE" {
+                // Celery's retry/reject/ignore are not relayed yet: the client
+                // gets the exception the task raised for it.
+                warn!(
+                    "task ended with {}, which om-worker reports as a FAILURE",
+                    outcome.status
+                );
+            }
+            let exc_message = match outcome.exc_message.as_ref().map(from_typed_json) {
+                Some(Ok(Value::List(args))) | Some(Ok(Value::Tuple(args))) => args,
+                Some(Ok(other)) => vec![other],
+                Some(Err(e)) => vec![Value::Str(format!("<unreadable exception arguments: {e}>"))],
+                None => Vec::new(),
+            };
+            Err(TaskError {
+                exception: ExceptionInfo {
+                    exc_type: outcome.exc_type.unwrap_or_else(|| "Exception".into()),
+                    exc_module: outcome.exc_module.unwrap_or_else(|| "builtins".into()),
+                    exc_message,
+                },
+                traceback: outcome.traceback,
+            })
+        }
+        other => Err(internal(format!("unknown task outcome status {other:?}"))),
+    }
+}
+
+/// Celery's `WorkerLostError` for a child that ended without an outcome,
+/// with billiard's wording.
+fn worker_lost(exit: KernelExit) -> TaskError {
+    let how = match exit {
+        KernelExit::Signal(s) => {
+            let name = nix::sys::signal::Signal::try_from(s)
+                .map(|sig| format!(" ({})", sig.as_str()))
+                .unwrap_or_default();
+            format!("signal {s}{name}")
+        }
+        KernelExit::Code(c) => format!("exitcode {c}"),
+        other => format!("{other:?}"),
+    };
+    TaskError::new(
+        "billiard.exceptions",
+        "WorkerLostError",
+        format!("Worker exited prematurely: {how} Job: 0."),
+    )
+}
+
+fn internal(message: String) -> TaskError {
+    TaskError::new("om_worker.errors", "WorkerInternalError", message)
+}
+
+/// The error a cancelled run reports, by why it was cancelled.
+fn cancelled(ctx: &TaskContext) -> TaskError {
+    match ctx.cancelled_because() {
+        Some(CancelReason::SoftTimeLimit) => TaskError {
+            exception: ExceptionInfo::soft_time_limit_exceeded(),
+            traceback: Some("SoftTimeLimitExceeded()\n".into()),
+        },
+        Some(CancelReason::Revoked) => {
+            TaskError::new("celery.exceptions", "TaskRevokedError", "terminated")
+        }
+        _ => TaskError::new(
+            "celery.exceptions",
+            "WorkerShutdown",
+            "interrupted by worker shutdown",
+        ),
+    }
+}
+
+/// The Python tasks omega|ml's Celery app registers in the kernel Python, as
+/// that app lists them (`om_taskrunner.py --list-tasks`), minus the ones
+/// om-worker implements itself. Loaded once, on first use (or right away with
+/// [`PythonCatalog::preload`]); a Python without omega|ml lists none, so its
+/// names stay `NotRegistered`, as before.
+pub struct PythonCatalog {
+    runtime: Arc<PythonRuntime>,
+    native: HashSet<String>,
+    tasks: tokio::sync::OnceCell<HashMap<String, Arc<dyn Task>>>,
+}
+
+/// How long listing the tasks may take (a cold Python importing omega|ml).
+const LIST_TIMEOUT: Duration = Duration::from_secs(180);
+
+impl PythonCatalog {
+    /// A catalog for `runtime`; `native` are the names om-worker runs itself.
+    pub fn new(runtime: Arc<PythonRuntime>, native: impl IntoIterator<Item = String>) -> Self {
+        PythonCatalog {
+            runtime,
+            native: native.into_iter().collect(),
+            tasks: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// Loads the list now, so the first task does not wait for it.
+    pub async fn preload(&self) {
+        self.loaded().await;
+    }
+
+    async fn loaded(&self) -> &HashMap<String, Arc<dyn Task>> {
+        self.tasks
+            .get_or_init(|| async {
+                match self.list().await {
+                    Ok(names) => {
+                        let tasks: HashMap<String, Arc<dyn Task>> = names
+                            .into_iter()
+                            .filter(|n| !self.native.contains(n))
+                            .map(|n| {
+                                let task: Arc<dyn Task> =
+                                    Arc::new(PythonTask::new(&n, Arc::clone(&self.runtime)));
+                                (n, task)
+                            })
+                            .collect();
+                        let mut names: Vec<_> = tasks.keys().cloned().collect();
+                        names.sort();
+                        info!(
+                            "python tasks (run in a forked child each): {}",
+                            names.join(", ")
+                        );
+                        tasks
+                    }
+                    Err(e) => {
+                        warn!("no python tasks: {e}");
+                        HashMap::new()
+                    }
+                }
+            })
+            .await
+    }
+
+    async fn list(&self) -> Result<Vec<String>, String> {
+        let rt = &self.runtime;
+        let script = rt.scratch.join("om_taskrunner.py");
+        std::fs::write(&script, crate::kernel::forkserver::TASKRUNNER_SCRIPT)
+            .map_err(|e| format!("cannot write the task runner: {e}"))?;
+        let run = tokio::process::Command::new(&rt.python)
+            .arg(&script)
+            .arg("--list-tasks")
+            .env_clear()
+            .envs(&rt.env)
+            .current_dir(&rt.cwd)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(LIST_TIMEOUT, run)
+            .await
+            .map_err(|_| format!("listing them took longer than {LIST_TIMEOUT:?}"))?
+            .map_err(|e| format!("cannot run {}: {e}", rt.python.display()))?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            return Err(format!(
+                "listing them failed ({}): {}",
+                out.status,
+                err.trim().lines().last().unwrap_or("")
+            ));
+        }
+        serde_json::from_slice::<Vec<String>>(&out.stdout)
+            .map_err(|e| format!("unreadable task list: {e}"))
+    }
+}
+
+#[async_trait]
+impl TaskSource for PythonCatalog {
+    async fn get(&self, name: &str) -> Option<Arc<dyn Task>> {
+        self.loaded().await.get(name).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, bytes: &[u8]) {
+        std::fs::write(dir.join(name), bytes).expect("write");
+    }
+
+    #[test]
+    fn success_is_relayed_serialized() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), "result.bin", b"\x80\x04K\x01.");
+        write(
+            dir.path(),
+            "outcome.json",
+            br#"{"status": "SUCCESS", "repr": "1", "content_type": "application/x-python-serialize"}"#,
+        );
+        let out = read_outcome(dir.path(), KernelExit::Code(0), Serializer::Pickle).expect("ok");
+        assert_eq!(
+            out,
+            Output::Serialized(SerializedValue {
+                serializer: Serializer::Pickle,
+                bytes: b"\x80\x04K\x01.".to_vec(),
+                repr: "1".into(),
+            })
+        );
+    }
+
+    #[test]
+    fn failure_carries_type_module_args_and_traceback() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(
+            dir.path(),
+            "outcome.json",
+            br#"{"status": "FAILURE", "exc_type": "ValueError", "exc_module": "builtins",
+                 "exc_message": [{"$tuple": ["bad", 1]}], "traceback": "Traceback ..."}"#,
+        );
+        let err = read_outcome(dir.path(), KernelExit::Code(0), Serializer::Pickle)
+            .expect_err("a failure");
+        assert_eq!(err.exception.exc_type, "ValueError");
+        assert_eq!(err.exception.exc_module, "builtins");
+        assert_eq!(
+            err.exception.exc_message,
+            vec![Value::Tuple(vec![Value::from("bad"), Value::Int(1)])]
+        );
+        assert_eq!(err.traceback.as_deref(), Some("Traceback ..."));
+    }
+
+    #[test]
+    fn a_child_that_died_without_an_outcome_is_worker_lost() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = read_outcome(dir.path(), KernelExit::Signal(9), Serializer::Pickle)
+            .expect_err("lost");
+        assert_eq!(
+            (err.exception.exc_module.as_str(), err.exception.exc_type.as_str()),
+            ("billiard.exceptions", "WorkerLostError")
+        );
+        assert_eq!(
+            err.exception.exc_message,
+            vec![Value::from(
+                "Worker exited prematurely: signal 9 (SIGKILL) Job: 0."
+            )]
+        );
+        let err = read_outcome(dir.path(), KernelExit::Code(3), Serializer::Pickle)
+            .expect_err("lost");
+        assert!(err.exception.exc_message[0].repr().contains("exitcode 3"));
+        // A broken outcome file is a clear internal error, not a success.
+        write(dir.path(), "outcome.json", b"{not json");
+        let err = read_outcome(dir.path(), KernelExit::Code(0), Serializer::Pickle)
+            .expect_err("unreadable");
+        assert_eq!(err.exception.exc_type, "WorkerInternalError");
+    }
+}

@@ -1,0 +1,89 @@
+"""om.runtime.model(...) through om-worker with the unchanged omega|ml 0.18.0 client, on RabbitMQ and
+Redis: fit, predict (by dataset name and with inline data, which travels as a PassthroughDataset
+inside the pickle), score, and a missing dataset (the exception the Python worker raises).
+
+The model tasks run omega|ml's own task functions in a child forked from om-worker's fork server
+(src/tasks/python_task.rs, python/om_taskrunner.py); the message is decoded by om-worker's
+allow-list decoder and never unpickled in Python. The client runs in a fresh subprocess, configured
+by env exactly as a user's (OMEGA_WORKER_LABEL = this test's queue).
+"""
+import json
+import subprocess
+
+import pytest
+
+from conftest import VENV_PY, _NO_CONFIG, short_id
+from omega_scenarios import client_env
+
+# No notebooks: no pre-started kernels (the fork server still starts, for the model tasks).
+WORKER_KERNELS = False
+
+CLIENT = r"""
+import json, sys
+import numpy as np
+import pandas as pd
+import omegaml as om
+from sklearn.linear_model import LinearRegression
+
+p = sys.argv[1]
+df = pd.DataFrame({'x': np.arange(20, dtype=float)})
+df['y'] = df['x'] * 2 + 1
+om.datasets.put(df[['x']], p + 'X', append=False)
+om.datasets.put(df[['y']], p + 'Y', append=False)
+om.models.put(LinearRegression(), p + 'm')
+mdl = om.runtime.model(p + 'm')
+out = {}
+meta = mdl.fit(p + 'X', p + 'Y').get(timeout=120)
+out['fit'] = meta
+out['predict'] = np.asarray(mdl.predict(p + 'X').get(timeout=120)).ravel().tolist()
+local = LinearRegression().fit(df[['x']], df[['y']])
+out['local'] = local.predict(df[['x']]).ravel().tolist()
+out['score'] = mdl.score(p + 'X', p + 'Y').get(timeout=120)
+out['inline'] = np.asarray(mdl.predict([[100.0], [101.0]]).get(timeout=120)).ravel().tolist()
+try:
+    mdl.predict(p + 'nosuchdataset').get(timeout=120)
+    out['missing'] = None
+except Exception as e:
+    out['missing'] = [type(e).__module__, type(e).__name__, str(e)[:200]]
+# the model stored by the worker's fit is the fitted one
+out['stored_coef'] = np.asarray(om.models.get(p + 'm').coef_).ravel().tolist()
+print('@@RESULT ' + json.dumps(out), flush=True)
+"""
+
+
+def run_client(mongo, broker_url, label, tmp_path, prefix, backend="rpc://"):
+    tmp = tmp_path / "client-tmp"
+    tmp.mkdir(exist_ok=True)
+    env = client_env(mongo, broker_url, label, tmp, _NO_CONFIG, backend=backend)
+    proc = subprocess.run([str(VENV_PY), "-c", CLIENT, prefix], env=env, capture_output=True, text=True,
+                          timeout=600)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("@@RESULT ")]
+    assert proc.returncode == 0 and lines, f"client failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    return json.loads(lines[-1][len("@@RESULT "):])
+
+
+@pytest.mark.parametrize("backend_kind", ["rpc", "redis"])
+def test_fit_predict_score_and_errors(broker, backend_kind, worker, names, mongo, tmp_path):
+    label = names.queue("omwmodel")
+    backend = "rpc://" if backend_kind == "rpc" else "redis://127.0.0.1:6379/0"
+    w = worker(broker.url, [label], backend=backend, concurrency=2)
+    out = run_client(mongo, broker.url, label, tmp_path, f"t{names.queue('')[-6:]}", backend=backend)
+
+    # omega|ml's omega_fit returns repr(Metadata) (celery_util.sanitized), as with the Python worker
+    assert isinstance(out["fit"], str), out["fit"]
+    assert out["fit"].startswith("<Metadata: Metadata(name=") and "prefix=models/" in out["fit"], out["fit"]
+    assert out["predict"] == pytest.approx(out["local"]), "remote predict equals a local predict"
+    assert out["score"] == pytest.approx(1.0)
+    assert out["inline"] == pytest.approx([201.0, 203.0]), "inline data (PassthroughDataset) predicted"
+    assert out["stored_coef"] == pytest.approx([2.0])
+    # What omega|ml's Python worker raises for a dataset that does not exist (scikit-learn's
+    # ValueError on the None it reads), re-raised by the client with type and message.
+    module, name, message = out["missing"]
+    assert (module, name) == ("builtins", "ValueError"), out["missing"]
+    assert "Expected 2D array" in message, message
+
+    log = w.log()
+    assert "python tasks" in log, "the model tasks were listed from omega|ml's Celery app"
+    assert "never unpickled" not in log
+    for task in ("omega_fit", "omega_predict", "omega_score"):
+        assert f"omegaml.tasks.{task}" in log
