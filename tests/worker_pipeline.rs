@@ -710,3 +710,18 @@ async fn cold_shutdown_cancels_running_tasks() {
         "the cancelled run reports its failure"
     );
 }
+
+#[tokio::test]
+async fn canvas_is_refused_with_a_failure_never_silently_dropped() {
+    let h = Harness::start(config(1), vec![Arc::new(Echo)], None);
+    let mut m = message("test.echo", "t-chain", vec![]);
+    m.body = br#"[[], {}, {"callbacks": null, "errbacks": null, "chain": [{"task": "test.echo", "args": [], "kwargs": {}, "options": {}, "subtask_type": null, "immutable": false}], "chord": null}]"#.to_vec();
+    h.broker.push(m);
+    h.until_settled(1).await;
+    assert_eq!(h.settlement("t-chain"), vec![Settlement::Rejected]);
+    let meta = h.backend.last("t-chain").expect("FAILURE stored");
+    assert_eq!(meta.status, State::Failure);
+    assert_eq!(exc_type(&meta), "NotImplementedError");
+    assert!(h.broker.published().is_empty(), "nothing of the chain was sent");
+    h.stop().await;
+}

@@ -16,7 +16,7 @@ use tracing::{error, warn};
 use crate::backend::ReplyTarget;
 use crate::config::UnknownTaskPolicy;
 use crate::protocol::message::{peek_task_id, peek_task_name};
-use crate::protocol::{decode_task, ExceptionInfo, RawMessage, ResultMeta, TaskMessage};
+use crate::protocol::{decode_task, ExceptionInfo, RawMessage, ResultMeta, TaskMessage, Value};
 use crate::tasks::{Output, Task, TaskError};
 
 /// How a message is settled on the broker.
@@ -128,6 +128,41 @@ pub fn route(
     }
 }
 
+/// Stage 2b: Celery canvas this worker does not run yet. A message carrying
+/// callbacks (`link`), errbacks (`link_error`), a `chain` or a `chord`
+/// would have them silently dropped if only its task ran, so it is failed
+/// (`NotImplementedError`, which the client re-raises) and rejected instead.
+pub fn unsupported_canvas(msg: &TaskMessage) -> Option<Verdict> {
+    let present: Vec<&str> = ["callbacks", "errbacks", "chain", "chord"]
+        .into_iter()
+        .filter(|k| match msg.embed.get(k) {
+            None | Some(Value::None) => false,
+            Some(Value::List(v)) | Some(Value::Tuple(v)) => !v.is_empty(),
+            Some(_) => true,
+        })
+        .collect();
+    if present.is_empty() {
+        return None;
+    }
+    let what = present.join(", ");
+    error!(
+        task_id = %msg.id, task = %msg.name,
+        "message carries Celery canvas ({what}), which om-worker does not run yet; failing it"
+    );
+    let exc = ExceptionInfo::new(
+        "builtins",
+        "NotImplementedError",
+        format!(
+            "om-worker does not run Celery canvas yet (this message carries: {what}); \
+             send it to a queue served by a Python worker"
+        ),
+    );
+    Some(Verdict {
+        report: Some((ResultMeta::failure(&msg.id, exc, None), target(msg))),
+        settle: Settle::Reject,
+    })
+}
+
 /// What stage 3 decided about running now.
 #[derive(Debug, Clone)]
 pub enum Admit {
@@ -193,7 +228,7 @@ pub fn outcome_report(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{State, Value};
+    use crate::protocol::State;
 
     fn msg() -> TaskMessage {
         TaskMessage {
@@ -315,6 +350,30 @@ mod tests {
             ("abc", State::Failure)
         );
         assert_eq!(target.reply_to.as_deref(), Some("r"));
+    }
+
+    #[test]
+    fn canvas_is_refused_not_dropped() {
+        let mut m = msg();
+        m.embed = Value::dict([
+            ("callbacks", Value::None),
+            ("errbacks", Value::None),
+            ("chain", Value::None),
+            ("chord", Value::None),
+        ]);
+        assert!(unsupported_canvas(&m).is_none(), "no canvas");
+        m.embed = Value::dict([("chain", Value::List(vec![]))]);
+        assert!(unsupported_canvas(&m).is_none(), "an empty chain");
+        m.embed = Value::dict([
+            ("chain", Value::List(vec![Value::dict([("task", Value::from("x"))])])),
+            ("callbacks", Value::List(vec![Value::dict([("task", Value::from("y"))])])),
+        ]);
+        let v = unsupported_canvas(&m).expect("refused");
+        assert_eq!(v.settle, Settle::Reject);
+        let (meta, _) = v.report.expect("FAILURE");
+        assert_eq!(meta.status, State::Failure);
+        let r = meta.result.repr();
+        assert!(r.contains("NotImplementedError") && r.contains("callbacks, chain"), "{r}");
     }
 
     #[test]

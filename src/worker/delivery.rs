@@ -63,6 +63,9 @@ pub(super) async fn handle(s: Arc<Shared>, d: Delivery) {
             return forward(&s, &message, &msg.id, &msg.name, &queue, acker).await
         }
     };
+    if let Some(v) = decide::unsupported_canvas(&msg) {
+        return conclude(s.backend.as_ref(), acker, &msg.id, v).await;
+    }
     let mut req = s.state.received(&msg, &message);
     if !admitted(&s, &msg, acker, &req).await {
         return;

@@ -8,12 +8,18 @@ allow-list decoder and never unpickled in Python. The client runs in a fresh sub
 by env exactly as a user's (OMEGA_WORKER_LABEL = this test's queue).
 """
 import json
+import os
+import signal
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
-from conftest import VENV_PY, _NO_CONFIG, short_id
+from conftest import VENV_PY, _NO_CONFIG, short_id, wait_until
 from omega_scenarios import client_env
+
+HERE = Path(__file__).resolve().parent
 
 # No notebooks: no pre-started kernels (the fork server still starts, for the model tasks).
 WORKER_KERNELS = False
@@ -87,3 +93,87 @@ def test_fit_predict_score_and_errors(broker, backend_kind, worker, names, mongo
     assert "never unpickled" not in log
     for task in ("omega_fit", "omega_predict", "omega_score"):
         assert f"omegaml.tasks.{task}" in log
+
+
+SLOW_CLIENT = r"""
+import json, sys
+import omegaml as om
+sys.path.insert(0, sys.argv[2])
+from om_test_models import SlowModel
+
+p = sys.argv[1]
+om.models.put(SlowModel(seconds=120), p + 'slow')
+result = om.runtime.model(p + 'slow').predict([[1.0]])
+print('@@SENT ' + result.id, flush=True)
+try:
+    result.get(timeout=180)
+    out = None
+except Exception as e:
+    out = [type(e).__module__, type(e).__name__, str(e)[:200]]
+print('@@RESULT ' + json.dumps(out), flush=True)
+"""
+
+
+def _children(pid):
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(entry))
+    return out
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_a_child_killed_mid_task_is_worker_lost_and_the_worker_goes_on(broker, worker, names, mongo,
+                                                                        tmp_path):
+    label = names.queue("omwmodel")
+    support = str(HERE / "support")
+    w = worker(broker.url, [label], env_extra={"PYTHONPATH": support})
+    tmp = tmp_path / "client-tmp"
+    tmp.mkdir(exist_ok=True)
+    env = client_env(mongo, broker.url, label, tmp, _NO_CONFIG)
+    prefix = f"k{short_id()}"
+    client = subprocess.Popen([str(VENV_PY), "-c", SLOW_CLIENT, prefix, support], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # The task child: forked by the fork server (a child of the worker), running the task.
+        def task_child():
+            for server in _children(w.pid):
+                if "om_forkserver.py" in _cmdline(server):
+                    kids = _children(server)
+                    if kids:
+                        return kids[0]
+            return None
+
+        wait_until(lambda: "task started" in w.log() and task_child(), 120, "the predict task running")
+        time.sleep(1.0)  # inside predict's sleep
+        child = task_child()
+        os.kill(child, signal.SIGKILL)
+        out, err = client.communicate(timeout=200)
+    finally:
+        if client.poll() is None:
+            client.kill()
+    lines = [l for l in out.splitlines() if l.startswith("@@RESULT ")]
+    assert lines, f"client failed:\n{err[-4000:]}"
+    module, name, message = json.loads(lines[-1][len("@@RESULT "):])
+    assert (module, name) == ("billiard.exceptions", "WorkerLostError"), (module, name, message)
+    assert "signal 9 (SIGKILL)" in message, message
+    # The worker goes on: it still answers.
+    assert w.alive()
+    from conftest import omega_celery_app
+    app = omega_celery_app(broker.url, "rpc://")
+    r = app.send_task("omegaml.tasks.omega_ping", args=(1, 2), kwargs={"a": 1}, queue=label)
+    assert r.get(timeout=60)["message"] == "ping return message"
