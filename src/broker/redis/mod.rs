@@ -157,8 +157,7 @@ impl RedisBroker {
         let pong: String = shared
             .cmd
             .query("PING", 1, Request::Cmd(&redis::cmd("PING")))
-            .await
-            .map_err(|e| BrokerError::Connection(e.to_string()))?;
+            .await?;
         debug!(reply = %pong, "Redis PING");
         info!(url = %shared.masked_url, "connected to Redis broker");
         Ok(Self { shared })
