@@ -722,6 +722,9 @@ async fn canvas_is_refused_with_a_failure_never_silently_dropped() {
     let meta = h.backend.last("t-chain").expect("FAILURE stored");
     assert_eq!(meta.status, State::Failure);
     assert_eq!(exc_type(&meta), "NotImplementedError");
-    assert!(h.broker.published().is_empty(), "nothing of the chain was sent");
+    assert!(
+        h.broker.published().is_empty(),
+        "nothing of the chain was sent"
+    );
     h.stop().await;
 }

@@ -202,14 +202,8 @@ impl Server {
         cwd: Option<&PathBuf>,
         rlimit_as: Option<u64>,
     ) -> Result<(i32, watch::Receiver<Option<KernelExit>>), ForkError> {
-        self.spawn_child(json!({
-            "op": "fork",
-            "argv": args,
-            "env": env,
-            "cwd": cwd.map(|c| c.to_string_lossy().into_owned()),
-            "rlimit_as": rlimit_as,
-        }))
-        .await
+        let req = json!({"op": "fork", "argv": args});
+        self.spawn_child(req, env, cwd, rlimit_as).await
     }
 
     /// Asks the server for a child that runs one task (`op: task`, see
@@ -221,21 +215,19 @@ impl Server {
         cwd: Option<&PathBuf>,
         rlimit_as: Option<u64>,
     ) -> Result<(i32, watch::Receiver<Option<KernelExit>>), ForkError> {
-        self.spawn_child(json!({
-            "op": "task",
-            "request": request.to_string_lossy(),
-            "env": env,
-            "cwd": cwd.map(|c| c.to_string_lossy().into_owned()),
-            "rlimit_as": rlimit_as,
-        }))
-        .await
+        let req = json!({"op": "task", "request": request.to_string_lossy()});
+        self.spawn_child(req, env, cwd, rlimit_as).await
     }
 
-    /// Sends one request that forks a child (`req` without its `id`) and
-    /// waits for the server's `forked` reply.
+    /// Sends one request that forks a child (`req`: its op and op fields;
+    /// the id, environment, cwd and memory limit every child gets are added
+    /// here) and waits for the server's `forked` reply.
     async fn spawn_child(
         &self,
         mut req: serde_json::Value,
+        env: &BTreeMap<String, String>,
+        cwd: Option<&PathBuf>,
+        rlimit_as: Option<u64>,
     ) -> Result<(i32, watch::Receiver<Option<KernelExit>>), ForkError> {
         if !self.alive() {
             return Err(ForkError::Gone);
@@ -243,6 +235,12 @@ impl Server {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         if let Some(obj) = req.as_object_mut() {
             obj.insert("id".into(), id.into());
+            obj.insert("env".into(), json!(env));
+            obj.insert(
+                "cwd".into(),
+                json!(cwd.map(|c| c.to_string_lossy().into_owned())),
+            );
+            obj.insert("rlimit_as".into(), json!(rlimit_as));
         }
         let (tx, rx) = oneshot::channel();
         lock(&self.shared.pending).insert(id, tx);

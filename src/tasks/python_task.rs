@@ -453,10 +453,13 @@ mod tests {
     #[test]
     fn a_child_that_died_without_an_outcome_is_worker_lost() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let err = read_outcome(dir.path(), KernelExit::Signal(9), Serializer::Pickle)
-            .expect_err("lost");
+        let err =
+            read_outcome(dir.path(), KernelExit::Signal(9), Serializer::Pickle).expect_err("lost");
         assert_eq!(
-            (err.exception.exc_module.as_str(), err.exception.exc_type.as_str()),
+            (
+                err.exception.exc_module.as_str(),
+                err.exception.exc_type.as_str()
+            ),
             ("billiard.exceptions", "WorkerLostError")
         );
         assert_eq!(
@@ -465,8 +468,8 @@ mod tests {
                 "Worker exited prematurely: signal 9 (SIGKILL) Job: 0."
             )]
         );
-        let err = read_outcome(dir.path(), KernelExit::Code(3), Serializer::Pickle)
-            .expect_err("lost");
+        let err =
+            read_outcome(dir.path(), KernelExit::Code(3), Serializer::Pickle).expect_err("lost");
         assert!(err.exception.exc_message[0].repr().contains("exitcode 3"));
         // A broken outcome file is a clear internal error, not a success.
         write(dir.path(), "outcome.json", b"{not json");

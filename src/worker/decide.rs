@@ -365,15 +365,24 @@ mod tests {
         m.embed = Value::dict([("chain", Value::List(vec![]))]);
         assert!(unsupported_canvas(&m).is_none(), "an empty chain");
         m.embed = Value::dict([
-            ("chain", Value::List(vec![Value::dict([("task", Value::from("x"))])])),
-            ("callbacks", Value::List(vec![Value::dict([("task", Value::from("y"))])])),
+            (
+                "chain",
+                Value::List(vec![Value::dict([("task", Value::from("x"))])]),
+            ),
+            (
+                "callbacks",
+                Value::List(vec![Value::dict([("task", Value::from("y"))])]),
+            ),
         ]);
         let v = unsupported_canvas(&m).expect("refused");
         assert_eq!(v.settle, Settle::Reject);
         let (meta, _) = v.report.expect("FAILURE");
         assert_eq!(meta.status, State::Failure);
         let r = meta.result.repr();
-        assert!(r.contains("NotImplementedError") && r.contains("callbacks, chain"), "{r}");
+        assert!(
+            r.contains("NotImplementedError") && r.contains("callbacks, chain"),
+            "{r}"
+        );
     }
 
     #[test]
