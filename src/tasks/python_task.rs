@@ -117,11 +117,25 @@ impl Task for PythonTask {
         }
         let child = self.start(&request_path, &extra_env).await?;
         debug!(task_id = %msg.id, pid = child.pid(), "task child started");
-        let exit = tokio::select! {
-            exit = child.exited() => exit,
-            _ = ctx.cancel.cancelled() => {
-                child.kill().await;
-                return Err(cancelled(&ctx));
+        // The soft time limit is Celery's: the child arms it itself when the
+        // task starts (the request carries it) and raises
+        // `SoftTimeLimitExceeded` inside the task, which may clean up or even
+        // return, as in a Celery pool process. So the worker's own soft timer
+        // is not acted on here; the hard limit (the worker drops this future,
+        // which kills the group) still bounds the run. Any other
+        // cancellation (revoke with terminate, shutdown) ends it now.
+        let mut soft_reached = false;
+        let exit = loop {
+            tokio::select! {
+                exit = child.exited() => break exit,
+                _ = ctx.cancel.cancelled(), if !soft_reached => {
+                    if ctx.cancelled_because() == Some(CancelReason::SoftTimeLimit) {
+                        soft_reached = true;
+                        continue;
+                    }
+                    child.kill().await;
+                    return Err(cancelled(&ctx));
+                }
             }
         };
         // Whatever it started in its session ends with it.
@@ -207,7 +221,8 @@ fn request_json(
             "group_index": msg.group_index,
             "eta": time(msg.eta),
             "expires": time(msg.expires),
-            "timelimit": [msg.hard_time_limit, msg.soft_time_limit],
+            // The effective soft limit (the message's, else the worker's), armed by the child.
+            "timelimit": [msg.hard_time_limit, ctx.soft_time_limit],
             "origin": msg.origin,
             "ignore_result": msg.ignore_result.unwrap_or(false),
         },
@@ -289,10 +304,6 @@ fn internal(message: String) -> TaskError {
 /// The error a cancelled run reports, by why it was cancelled.
 fn cancelled(ctx: &TaskContext) -> TaskError {
     match ctx.cancelled_because() {
-        Some(CancelReason::SoftTimeLimit) => TaskError {
-            exception: ExceptionInfo::soft_time_limit_exceeded(),
-            traceback: Some("SoftTimeLimitExceeded()\n".into()),
-        },
         Some(CancelReason::Revoked) => {
             TaskError::new("celery.exceptions", "TaskRevokedError", "terminated")
         }

@@ -177,3 +177,24 @@ def test_a_child_killed_mid_task_is_worker_lost_and_the_worker_goes_on(broker, w
     app = omega_celery_app(broker.url, "rpc://")
     r = app.send_task("omegaml.tasks.omega_ping", args=(1, 2), kwargs={"a": 1}, queue=label)
     assert r.get(timeout=60)["message"] == "ping return message"
+
+
+def test_soft_time_limit_raises_inside_the_python_task(broker, worker, names, mongo, tmp_path):
+    """Celery's soft limit: SoftTimeLimitExceeded is raised inside the running task (its child arms
+    the limit from the message), and the client re-raises it; the hard limit (soft + 30 s, which
+    would be TimeLimitExceeded) is not reached."""
+    label = names.queue("omwmodel")
+    support = str(HERE / "support")
+    worker(broker.url, [label], env_extra={"PYTHONPATH": support})
+    tmp = tmp_path / "client-tmp"
+    tmp.mkdir(exist_ok=True)
+    # omega|ml's client sends its own limits in every message (timelimit = [T + 30, T]).
+    env = client_env(mongo, broker.url, label, tmp, _NO_CONFIG, extra={"OMEGA_TASK_TIMEOUT": "3"})
+    started = time.monotonic()
+    proc = subprocess.run([str(VENV_PY), "-c", SLOW_CLIENT, f"s{short_id()}", support], env=env,
+                          capture_output=True, text=True, timeout=300)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("@@RESULT ")]
+    assert lines, f"client failed:\n{proc.stderr[-4000:]}"
+    module, name, _message = json.loads(lines[-1][len("@@RESULT "):])
+    assert (module, name) == ("billiard.exceptions", "SoftTimeLimitExceeded"), (module, name)
+    assert time.monotonic() - started < 60, "ended by the soft limit, not the 120 s sleep or the hard limit"
