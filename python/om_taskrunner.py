@@ -671,6 +671,15 @@ def run(request):
     if not isinstance(result_dir, str) or not os.path.isdir(result_dir):
         sys.stderr.write("om_taskrunner: request has no usable result_dir: %r\n" % (result_dir,))
         return 2
+    if request.get("list_tasks"):
+        # {"list_tasks": true, "result_dir": ...}: the task names, as --list-tasks prints them,
+        # written to tasks.json (forked from the fork server this costs no imports).
+        try:
+            _write_atomic(result_dir, "tasks.json", json.dumps(list_tasks()).encode())
+        except Exception:
+            traceback.print_exc()
+            return 1
+        return 0
     try:
         outcome = _execute(request, result_dir)
     except Exception as e:  # runner or setup error: still a FAILURE outcome for the client

@@ -81,12 +81,9 @@ pub async fn run_worker(config: Config) -> anyhow::Result<()> {
         default_queue.clone(),
     )));
     // Every other task omega|ml registers runs in a forked Python child.
+    // Listed on the first name om-worker does not run itself, in a child
+    // forked from the fork server (tens of milliseconds once it is up).
     let python_tasks = notebook_runtime.python_tasks(&config, &registry.names());
-    if config.kernel_pool > 0 {
-        // Production default: list them now, so the first model task does not wait.
-        let catalog = Arc::clone(&python_tasks);
-        tokio::spawn(async move { catalog.preload().await });
-    }
     let registry = registry.with_fallback(python_tasks);
     info!("registered tasks: {}", registry.names().join(", "));
     let shutdown = Shutdown::new();

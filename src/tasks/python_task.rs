@@ -317,8 +317,7 @@ fn cancelled(ctx: &TaskContext) -> TaskError {
 
 /// The Python tasks omega|ml's Celery app registers in the kernel Python, as
 /// that app lists them (`om_taskrunner.py --list-tasks`), minus the ones
-/// om-worker implements itself. Loaded once, on first use (or right away with
-/// [`PythonCatalog::preload`]); a Python without omega|ml lists none, so its
+/// om-worker implements itself. Loaded once, on first use; a Python without omega|ml lists none, so its
 /// names stay `NotRegistered`, as before.
 pub struct PythonCatalog {
     runtime: Arc<PythonRuntime>,
@@ -337,11 +336,6 @@ impl PythonCatalog {
             native: native.into_iter().collect(),
             tasks: tokio::sync::OnceCell::new(),
         }
-    }
-
-    /// Loads the list now, so the first task does not wait for it.
-    pub async fn preload(&self) {
-        self.loaded().await;
     }
 
     async fn loaded(&self) -> &HashMap<String, Arc<dyn Task>> {
@@ -375,8 +369,18 @@ impl PythonCatalog {
             .await
     }
 
+    /// The names, from a child forked from the fork server (no imports to
+    /// pay), else from a plain `om_taskrunner.py --list-tasks` process.
     async fn list(&self) -> Result<Vec<String>, String> {
         let rt = &self.runtime;
+        if let Some(fs) = &rt.fork_server {
+            match self.list_forked(fs).await {
+                Ok(names) => return Ok(names),
+                Err(e) => warn!(
+                    "listing python tasks in a forked child failed ({e}); starting a plain process"
+                ),
+            }
+        }
         let script = rt.scratch.join("om_taskrunner.py");
         std::fs::write(&script, crate::kernel::forkserver::TASKRUNNER_SCRIPT)
             .map_err(|e| format!("cannot write the task runner: {e}"))?;
@@ -402,6 +406,24 @@ impl PythonCatalog {
             ));
         }
         serde_json::from_slice::<Vec<String>>(&out.stdout)
+            .map_err(|e| format!("unreadable task list: {e}"))
+    }
+
+    async fn list_forked(&self, fs: &ForkServerLauncher) -> Result<Vec<String>, String> {
+        let dir = crate::kernel::launcher::RuntimeDir::create()
+            .map_err(|e| format!("cannot create a directory: {e}"))?;
+        let request = dir.0.join("request.json");
+        let body = json!({"list_tasks": true, "result_dir": dir.0.to_string_lossy()});
+        std::fs::write(&request, body.to_string())
+            .map_err(|e| format!("cannot write the request: {e}"))?;
+        let child = fs.fork_task(&request, &BTreeMap::new(), None).await?;
+        let exit = tokio::time::timeout(LIST_TIMEOUT, child.exited())
+            .await
+            .map_err(|_| format!("listing them took longer than {LIST_TIMEOUT:?}"))?;
+        child.kill().await;
+        let bytes = std::fs::read(dir.0.join("tasks.json"))
+            .map_err(|e| format!("no task list ({exit}): {e}"))?;
+        serde_json::from_slice::<Vec<String>>(&bytes)
             .map_err(|e| format!("unreadable task list: {e}"))
     }
 }
