@@ -43,16 +43,15 @@ impl NotebookRuntime {
     /// in a child forked from the same fork server as the kernels; `native`
     /// are the names om-worker runs itself.
     pub fn python_tasks(&self, config: &Config, native: &[&'static str]) -> Arc<PythonCatalog> {
-        let runtime = PythonRuntime {
-            fork_server: self.fork_server.clone(),
-            python: std::path::PathBuf::from(&config.python),
-            env: kernel_env(config).build(),
-            cwd: config.tmp_dir.clone(),
-            scratch: config.tmp_dir.clone(),
-            serializer: config.result_serializer,
-            memory_limit_bytes: kernel_memory_limit(config),
-            kernels: self.kernels.clone(),
-        };
+        let runtime = PythonRuntime::new(
+            self.fork_server.clone(),
+            std::path::PathBuf::from(&config.python),
+            kernel_env(config).build(),
+            config.tmp_dir.clone(),
+            config.result_serializer,
+            kernel_memory_limit(config),
+            self.kernels.clone(),
+        );
         Arc::new(PythonCatalog::new(
             Arc::new(runtime),
             native.iter().map(|n| n.to_string()),

@@ -27,7 +27,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -51,14 +51,56 @@ pub struct PythonRuntime {
     pub env: BTreeMap<String, String>,
     /// Working directory of plain-process children (`OMEGA_TMP`).
     pub cwd: PathBuf,
-    /// Where request/result directories are made (private, 0700).
-    pub scratch: PathBuf,
     /// The worker's result serializer: the child writes results with it.
     pub serializer: Serializer,
     /// Address-space limit per child (`--kernel-memory-mb`).
     pub memory_limit_bytes: Option<u64>,
     /// Registers plain-process children for the shutdown sweep.
     pub kernels: KernelTracker,
+    /// `om_taskrunner.py` for plain-process children and listing, written
+    /// once into a private directory of this process (no other worker's
+    /// version, no half-written file).
+    runner: OnceLock<Result<(crate::kernel::launcher::RuntimeDir, PathBuf), String>>,
+}
+
+impl PythonRuntime {
+    /// A runtime; see the fields.
+    pub fn new(
+        fork_server: Option<Arc<ForkServerLauncher>>,
+        python: PathBuf,
+        env: BTreeMap<String, String>,
+        cwd: PathBuf,
+        serializer: Serializer,
+        memory_limit_bytes: Option<u64>,
+        kernels: KernelTracker,
+    ) -> Self {
+        PythonRuntime {
+            fork_server,
+            python,
+            env,
+            cwd,
+            serializer,
+            memory_limit_bytes,
+            kernels,
+            runner: OnceLock::new(),
+        }
+    }
+
+    /// The path of `om_taskrunner.py` for plain processes (written on first use).
+    fn runner_script(&self) -> Result<PathBuf, String> {
+        self.runner
+            .get_or_init(|| {
+                let dir = crate::kernel::launcher::RuntimeDir::create()
+                    .map_err(|e| format!("cannot create a directory for the task runner: {e}"))?;
+                let path = dir.0.join("om_taskrunner.py");
+                std::fs::write(&path, crate::kernel::forkserver::TASKRUNNER_SCRIPT)
+                    .map_err(|e| format!("cannot write the task runner: {e}"))?;
+                Ok((dir, path))
+            })
+            .as_ref()
+            .map(|(_, path)| path.clone())
+            .map_err(Clone::clone)
+    }
 }
 
 /// One omega|ml task name run in a Python child.
@@ -161,11 +203,7 @@ impl PythonTask {
                 Err(e) => warn!("fork server cannot run the task ({e}); starting a plain process"),
             }
         }
-        let script = rt.scratch.join("om_taskrunner.py");
-        if !script.exists() {
-            std::fs::write(&script, crate::kernel::forkserver::TASKRUNNER_SCRIPT)
-                .map_err(|e| internal(format!("cannot write the task runner: {e}")))?;
-        }
+        let script = rt.runner_script().map_err(internal)?;
         let mut argv = vec![
             rt.python.to_string_lossy().into_owned(),
             script.to_string_lossy().into_owned(),
@@ -381,9 +419,7 @@ impl PythonCatalog {
                 ),
             }
         }
-        let script = rt.scratch.join("om_taskrunner.py");
-        std::fs::write(&script, crate::kernel::forkserver::TASKRUNNER_SCRIPT)
-            .map_err(|e| format!("cannot write the task runner: {e}"))?;
+        let script = rt.runner_script()?;
         let run = tokio::process::Command::new(&rt.python)
             .arg(&script)
             .arg("--list-tasks")

@@ -95,6 +95,20 @@ def test_fit_predict_score_and_errors(broker, backend_kind, worker, names, mongo
         assert f"omegaml.tasks.{task}" in log
 
 
+def test_without_fork_server_python_tasks_run_in_plain_processes(worker, names, mongo, tmp_path):
+    """--no-fork-server: the same results, each task in a fresh `python om_taskrunner.py` (slower)."""
+    from conftest import Broker
+    broker = Broker("amqp")
+    label = names.queue("omwmodel")
+    w = worker(broker.url, [label], concurrency=2, extra=["--no-fork-server"])
+    out = run_client(mongo, broker.url, label, tmp_path, f"n{short_id()}")
+    assert out["predict"] == pytest.approx(out["local"])
+    assert out["inline"] == pytest.approx([201.0, 203.0])
+    assert out["missing"][:2] == ["builtins", "ValueError"]
+    log = w.log()
+    assert "fork_server=false" in log and "kernel fork server ready" not in log, "no fork server ran"
+
+
 SLOW_CLIENT = r"""
 import json, sys
 import omegaml as om
