@@ -355,16 +355,28 @@ fn cancelled(ctx: &TaskContext) -> TaskError {
 
 /// The Python tasks omega|ml's Celery app registers in the kernel Python, as
 /// that app lists them (`om_taskrunner.py --list-tasks`), minus the ones
-/// om-worker implements itself. Loaded once, on first use; a Python without omega|ml lists none, so its
+/// om-worker implements itself. Listed on first use (a failed listing is
+/// retried later, not cached); a Python without omega|ml lists none, so its
 /// names stay `NotRegistered`, as before.
 pub struct PythonCatalog {
     runtime: Arc<PythonRuntime>,
     native: HashSet<String>,
-    tasks: tokio::sync::OnceCell<HashMap<String, Arc<dyn Task>>>,
+    listing: tokio::sync::Mutex<Listing>,
+}
+
+/// Where listing the Python tasks stands.
+enum Listing {
+    NotYet,
+    /// Failed then (a fork server that could not start, MongoDB away at
+    /// omega|ml's setup): tried again after [`RETRY_LISTING`], not cached.
+    Failed(std::time::Instant),
+    Loaded(Arc<HashMap<String, Arc<dyn Task>>>),
 }
 
 /// How long listing the tasks may take (a cold Python importing omega|ml).
 const LIST_TIMEOUT: Duration = Duration::from_secs(180);
+/// After a failed listing, names stay unknown this long before the next try.
+const RETRY_LISTING: Duration = Duration::from_secs(60);
 
 impl PythonCatalog {
     /// A catalog for `runtime`; `native` are the names om-worker runs itself.
@@ -372,39 +384,45 @@ impl PythonCatalog {
         PythonCatalog {
             runtime,
             native: native.into_iter().collect(),
-            tasks: tokio::sync::OnceCell::new(),
+            listing: tokio::sync::Mutex::new(Listing::NotYet),
         }
     }
 
-    async fn loaded(&self) -> &HashMap<String, Arc<dyn Task>> {
-        self.tasks
-            .get_or_init(|| async {
-                match self.list().await {
-                    Ok(names) => {
-                        let tasks: HashMap<String, Arc<dyn Task>> = names
-                            .into_iter()
-                            .filter(|n| !self.native.contains(n))
-                            .map(|n| {
-                                let task: Arc<dyn Task> =
-                                    Arc::new(PythonTask::new(&n, Arc::clone(&self.runtime)));
-                                (n, task)
-                            })
-                            .collect();
-                        let mut names: Vec<_> = tasks.keys().cloned().collect();
-                        names.sort();
-                        info!(
-                            "python tasks (run in a forked child each): {}",
-                            names.join(", ")
-                        );
-                        tasks
-                    }
-                    Err(e) => {
-                        warn!("no python tasks: {e}");
-                        HashMap::new()
-                    }
-                }
-            })
-            .await
+    /// The tasks, listing them first if needed (one listing at a time).
+    async fn loaded(&self) -> Option<Arc<HashMap<String, Arc<dyn Task>>>> {
+        let mut listing = self.listing.lock().await;
+        match &*listing {
+            Listing::Loaded(tasks) => return Some(Arc::clone(tasks)),
+            Listing::Failed(at) if at.elapsed() < RETRY_LISTING => return None,
+            _ => {}
+        }
+        match self.list().await {
+            Ok(names) => {
+                let tasks: HashMap<String, Arc<dyn Task>> = names
+                    .into_iter()
+                    .filter(|n| !self.native.contains(n))
+                    .map(|n| {
+                        let task: Arc<dyn Task> =
+                            Arc::new(PythonTask::new(&n, Arc::clone(&self.runtime)));
+                        (n, task)
+                    })
+                    .collect();
+                let mut names: Vec<_> = tasks.keys().cloned().collect();
+                names.sort();
+                info!(
+                    "python tasks (one fresh child process per task): {}",
+                    names.join(", ")
+                );
+                let tasks = Arc::new(tasks);
+                *listing = Listing::Loaded(Arc::clone(&tasks));
+                Some(tasks)
+            }
+            Err(e) => {
+                warn!("no python tasks for now (next try in {RETRY_LISTING:?}): {e}");
+                *listing = Listing::Failed(std::time::Instant::now());
+                None
+            }
+        }
     }
 
     /// The names, from a child forked from the fork server (no imports to
@@ -467,13 +485,66 @@ impl PythonCatalog {
 #[async_trait]
 impl TaskSource for PythonCatalog {
     async fn get(&self, name: &str) -> Option<Arc<dyn Task>> {
-        self.loaded().await.get(name).cloned()
+        self.loaded().await?.get(name).cloned()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn runtime(python: PathBuf, cwd: &Path) -> Arc<PythonRuntime> {
+        Arc::new(PythonRuntime::new(
+            None,
+            python,
+            BTreeMap::new(),
+            cwd.to_path_buf(),
+            Serializer::Pickle,
+            None,
+            KernelTracker::new(),
+        ))
+    }
+
+    /// Which names go to Python: what the listing says, minus om-worker's
+    /// own tasks. (The listing itself is the real omega|ml app's in
+    /// tests/interop/test_runtime_models.py; here a stand-in prints it.)
+    #[tokio::test]
+    async fn catalog_routes_listed_names_except_native_ones() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fake = dir.path().join("python");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\necho '[\"omegaml.tasks.omega_fit\", \"omegaml.tasks.omega_ping\"]'\n",
+        )
+        .expect("write");
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let catalog = PythonCatalog::new(
+            runtime(fake, dir.path()),
+            ["omegaml.tasks.omega_ping".to_owned()],
+        );
+        let fit = catalog
+            .get("omegaml.tasks.omega_fit")
+            .await
+            .expect("listed");
+        assert_eq!(fit.name(), "omegaml.tasks.omega_fit");
+        assert!(
+            catalog.get("omegaml.tasks.omega_ping").await.is_none(),
+            "native"
+        );
+        assert!(catalog.get("no.such.task").await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_failed_listing_leaves_names_unknown_and_is_not_cached() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let catalog = PythonCatalog::new(
+            runtime(dir.path().join("no-python-here"), dir.path()),
+            Vec::new(),
+        );
+        assert!(catalog.get("omegaml.tasks.omega_fit").await.is_none());
+        assert!(matches!(*catalog.listing.lock().await, Listing::Failed(_)));
+    }
 
     fn write(dir: &Path, name: &str, bytes: &[u8]) {
         std::fs::write(dir.join(name), bytes).expect("write");
