@@ -70,6 +70,15 @@ impl Gate {
     fn open(&self, n: usize) {
         self.release.add_permits(n);
     }
+    /// Returns once a run has begun.
+    async fn started(&self) {
+        within(async {
+            while self.runs() < 1 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+    }
 }
 
 #[async_trait]
@@ -457,12 +466,7 @@ async fn duplicate_delivery_of_a_running_task_is_acked_not_run_twice() {
     let gate = Gate::new("test.gate", false);
     let h = Harness::start(config(2), vec![gate.clone()], None);
     h.broker.push(message("test.gate", "t-dup", vec![]));
-    within(async {
-        while gate.runs() < 1 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    gate.started().await;
     h.broker.push(message("test.gate", "t-dup", vec![]));
     h.until_settled(2).await;
     assert_eq!(gate.runs(), 1, "the duplicate did not run");
@@ -500,12 +504,7 @@ async fn durable_task_recorded_before_ack_and_forgotten_after_result() {
     let ledger = MemoryLedger::new("om-worker@test", Duration::from_secs(60));
     let h = Harness::start(config(1), vec![gate.clone()], Some(ledger.clone()));
     h.broker.push(message("test.durable", "t-dur", vec![]));
-    within(async {
-        while gate.runs() < 1 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    gate.started().await;
     assert!(ledger.contains("t-dur"), "recorded while running");
     assert_eq!(h.settlement("t-dur"), vec![Settlement::Acked]);
     gate.open(1);
@@ -629,12 +628,7 @@ async fn revoke_with_terminate_stores_terminated() {
     let gate = Gate::new("test.gate", false);
     let h = Harness::start(config(1), vec![gate.clone()], None);
     h.broker.push(message("test.gate", "t-term", vec![]));
-    within(async {
-        while gate.runs() < 1 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    gate.started().await;
     h.state.revoke(&["t-term".to_owned()], true);
     h.until_states("t-term", 2).await;
     let meta = h.backend.last("t-term").expect("stored");
@@ -656,12 +650,7 @@ async fn warm_shutdown_finishes_running_tasks_and_returns_unstarted_ones() {
     for id in ["t-a", "t-b", "t-c"] {
         h.broker.push(message("test.gate", id, vec![]));
     }
-    within(async {
-        while gate.runs() < 1 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    gate.started().await;
     h.shutdown.begin_warm();
     // The running task may finish within the grace period.
     gate.open(1);
@@ -695,12 +684,7 @@ async fn cold_shutdown_cancels_running_tasks() {
     let gate = Gate::new("test.gate", false);
     let h = Harness::start(config(1), vec![gate.clone()], None);
     h.broker.push(message("test.gate", "t-cold", vec![]));
-    within(async {
-        while gate.runs() < 1 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    gate.started().await;
     h.shutdown.begin_cold();
     within(h.worker).await.expect("worker ends");
     let meta = h.backend.last("t-cold").expect("outcome stored");

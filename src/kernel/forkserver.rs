@@ -537,14 +537,18 @@ impl ForkServerLauncher {
     /// Starts the server now for the configured kernel/env/cwd (instead of on the first launch).
     /// Returns its pid, or why it is unavailable (launches then fall back to local).
     pub async fn start(&self) -> Result<i32, String> {
+        let plan = self.configured_plan()?;
+        self.server_for(&plan).await.map(|s| s.pid)
+    }
+
+    /// The plan for the configured kernel, env and cwd (what the server is started for).
+    fn configured_plan(&self) -> Result<Plan, String> {
         let spec = self
             .local
             .resolve(&self.config.kernel_name)
             .map_err(|e| e.to_string())?;
-        let plan = self
-            .plan(&spec, &self.config.env, self.config.cwd.as_ref())
-            .map_err(|e| e.to_string())?;
-        self.server_for(&plan).await.map(|s| s.pid)
+        self.plan(&spec, &self.config.env, self.config.cwd.as_ref())
+            .map_err(str::to_owned)
     }
 
     /// Checks that a request can be forked faithfully by a server of this launcher.
@@ -626,13 +630,7 @@ impl ForkServerLauncher {
         extra_env: &BTreeMap<String, String>,
         rlimit_as: Option<u64>,
     ) -> Result<KernelProcess, String> {
-        let spec = self
-            .local
-            .resolve(&self.config.kernel_name)
-            .map_err(|e| e.to_string())?;
-        let plan = self
-            .plan(&spec, &self.config.env, self.config.cwd.as_ref())
-            .map_err(str::to_owned)?;
+        let plan = self.configured_plan()?;
         let mut env = plan.env.clone();
         env.extend(extra_env.iter().map(|(k, v)| (k.clone(), v.clone())));
         for _attempt in 0..2 {
