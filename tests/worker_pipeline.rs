@@ -489,8 +489,9 @@ async fn failed_ack_means_not_run() {
     let h = Harness::start(config(1), vec![gate.clone()], None);
     h.broker.fail_acks(true);
     h.broker.push(message("test.gate", "t-noack", vec![]));
-    // Give the pipeline time to reach (and fail) the ack.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The pipeline reached the ack and it failed; a wrong run would start right after it.
+    within(h.broker.wait_until(|b| b.failed_settlements() >= 1)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(gate.runs(), 0, "a message whose ack failed must not run");
     assert!(h.backend.states("t-noack").is_empty(), "no STARTED either");
     assert_eq!(h.broker.unsettled(), 1, "left for the broker to redeliver");

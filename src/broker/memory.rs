@@ -65,6 +65,8 @@ struct State {
     settled: Vec<Settled>,
     published: Vec<Published>,
     fail_acks: bool,
+    /// Settlements refused while `fail_acks` was on.
+    failed_settlements: usize,
     fail_publish: bool,
     closed: bool,
 }
@@ -122,6 +124,9 @@ impl Inner {
         {
             let mut st = self.lock();
             if st.fail_acks {
+                st.failed_settlements += 1;
+                drop(st);
+                self.changed.notify_waiters();
                 return Err(BrokerError::Connection("memory broker: acks fail".into()));
             }
             let Some(msg) = st.unsettled.remove(&tag) else {
@@ -210,6 +215,11 @@ impl MemoryBroker {
     /// Makes every following ack/reject fail as after a lost connection.
     pub fn fail_acks(&self, fail: bool) {
         self.inner.lock().fail_acks = fail;
+    }
+
+    /// Settlements refused so far by [`MemoryBroker::fail_acks`].
+    pub fn failed_settlements(&self) -> usize {
+        self.inner.lock().failed_settlements
     }
 
     /// Makes every following publish fail.

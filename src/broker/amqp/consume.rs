@@ -66,6 +66,35 @@ impl Inner {
         }
     }
 
+    /// `basic.consume` of `queue` (acks on) and the task forwarding its deliveries.
+    async fn start_consumer(
+        self: &Arc<Self>,
+        channel: &Channel,
+        queue: &str,
+        tag: ShortString,
+        tx: &mpsc::Sender<Delivery>,
+        generation: u64,
+    ) -> Result<JoinHandle<()>, BrokerError> {
+        let consumer = channel
+            .basic_consume(
+                short(queue)?,
+                tag,
+                BasicConsumeOptions {
+                    no_ack: false,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(op_err)?;
+        Ok(tokio::spawn(pump(
+            consumer,
+            tx.clone(),
+            Arc::clone(self),
+            generation,
+        )))
+    }
+
     async fn setup_consumers(
         self: &Arc<Self>,
         session: &Arc<Session>,
@@ -88,25 +117,11 @@ impl Inner {
         let mut pumps = Vec::new();
         for (i, q) in spec.queues.iter().enumerate() {
             let tag = short(&format!("om-worker.{}.{}", session.generation, i))?;
-            let consumer = channel
-                .basic_consume(
-                    short(q)?,
-                    tag.clone(),
-                    BasicConsumeOptions {
-                        no_ack: false,
-                        ..BasicConsumeOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(op_err)?;
+            let pump = self
+                .start_consumer(channel, q, tag.clone(), &spec.tx, session.generation)
+                .await?;
             tags.push((q.clone(), tag));
-            pumps.push(tokio::spawn(pump(
-                consumer,
-                spec.tx.clone(),
-                Arc::clone(self),
-                session.generation,
-            )));
+            pumps.push(pump);
         }
         Ok(ConsumeState {
             channel: channel.clone(),
@@ -254,26 +269,17 @@ impl Inner {
                 declare_kombu_queue(&state.channel, queue).await?;
                 let n = ADDED_CONSUMERS.fetch_add(1, Ordering::SeqCst);
                 let tag = short(&format!("om-worker.{}.added{n}", session.generation))?;
-                let consumer = state
-                    .channel
-                    .basic_consume(
-                        short(queue)?,
+                let pump = self
+                    .start_consumer(
+                        &state.channel,
+                        queue,
                         tag.clone(),
-                        BasicConsumeOptions {
-                            no_ack: false,
-                            ..BasicConsumeOptions::default()
-                        },
-                        FieldTable::default(),
+                        &spec.tx,
+                        session.generation,
                     )
-                    .await
-                    .map_err(op_err)?;
+                    .await?;
                 state.tags.push((queue.to_owned(), tag));
-                state.pumps.push(tokio::spawn(pump(
-                    consumer,
-                    spec.tx.clone(),
-                    Arc::clone(self),
-                    session.generation,
-                )));
+                state.pumps.push(pump);
             }
         }
         // Replayed by the supervisor after a reconnect.
