@@ -14,6 +14,12 @@ Request (JSON object, written by om-worker)::
                  "correlation_id": ..., "root_id": ..., "parent_id": ..., "group": ...,
                  "group_index": ..., "eta": ..., "expires": ..., "timelimit": [hard, soft],
                  "origin": ..., "ignore_result": false},          (plain JSON, not typed)
+     "soft_time_limit": s | null,         (the worker's, when neither message nor task sets one)
+     "default_queue": "<queue>",           (optional: the app's task_default_queue for this task)
+     "callbacks": <typed JSON list of signatures> | null,        (the message's link)
+     "errbacks": <typed JSON list of signatures> | null,         (link_error)
+     "chain": <typed JSON list of signatures> | null,            (next one last)
+     "chord": <typed JSON signature> | null,                     (the chord's body)
      "result_serializer": "pickle" | "json",
      "result_dir": "<private directory>"}
 
@@ -43,10 +49,9 @@ Outcome, written into ``result_dir``:
      "requeue": bool,                                       (REJECTED only)
      "runtime": seconds}
 
-  ``retry`` is present whenever the task called ``self.retry()`` (the republish is captured here
-  instead of published: om-worker republishes); with ``retry(throw=False)`` the status can then
-  still be SUCCESS. REJECTED (``celery.exceptions.Reject``) and IGNORED (``Ignore``) store no
-  result, as in Celery.
+  ``retry`` is present whenever the task called ``self.retry()`` (what the child republished,
+  for om-worker's log); with ``retry(throw=False)`` the status can then still be SUCCESS.
+  REJECTED (``celery.exceptions.Reject``) and IGNORED (``Ignore``) store no result, as in Celery.
 
 Exit status: 0 when outcome.json was written, 1 when it could not be written, 2 for a request
 without a usable ``result_dir``; a task that ends the process itself (``sys.exit``, a signal)
@@ -58,9 +63,13 @@ How the task runs: like a prefork pool child of ``celery --app omegaml.celeryapp
 ``celery.app.trace.build_tracer(..., eager=False)`` with a request dict built as
 ``celery.worker.request.Request`` builds it: ``self.request.is_eager`` is False, the task's
 ``before_start``/``on_success``/``on_failure``/``on_retry``/``after_return`` handlers and the
-task signals run as in the worker. The task's backend is a capture proxy: ``mark_as_done``/
-``_failure``/``_retry`` for this task id record the outcome instead of storing it (om-worker
-stores it); everything else (``update_state``, other task ids) goes to the app's real backend.
+task signals run as in the worker. The task's backend is a capture proxy
+(:class:`CaptureBackend`): this task's own result is recorded instead of stored (om-worker
+stores it); chord counting, errbacks, chain failure and everything else (``update_state``,
+other task ids) run on the app's real backend. Canvas runs as in Celery's worker: the tracer
+publishes the ``link`` callbacks and the next ``chain`` element with the task's result, and
+``Task.retry`` republishes the task, all through the app's broker (``OMEGA_BROKER``, set by
+om-worker to its own).
 ``track_started`` is off in the child because om-worker stores STARTED itself. The soft time
 limit (message ``timelimit[1]``, else the task's, else ``task_soft_time_limit``) raises
 ``SoftTimeLimitExceeded`` in the task via SIGUSR1, as billiard does; om-worker may also send
@@ -74,7 +83,8 @@ Typed JSON: ``null``/``true``/``false``/integers/floats/strings/arrays as JSON; 
 other class is refused with a ``TypeError`` before anything is imported.
 
 ``python om_taskrunner.py --list-tasks`` prints the task names registered by
-``omegaml.celeryapp`` (without ``celery.*`` builtins) as a JSON list.
+``omegaml.celeryapp`` as a JSON list, Celery's builtins (``celery.chord_unlock``, ...) included,
+as a Python worker of that app runs them.
 
 Only the standard library plus what the fork server preloads (omegaml, celery, kombu) is used.
 """
@@ -314,7 +324,7 @@ def load_app():
 
 def list_tasks(app=None):
     app = app or load_app()
-    return sorted(n for n in app.tasks.keys() if not n.startswith("celery."))
+    return sorted(app.tasks.keys())
 
 
 def _init_worker_process(app, hostname):
@@ -371,10 +381,15 @@ def prepare_exception(exc, serializer):
 class CaptureBackend:
     """The task's backend in the child: records this task's outcome instead of storing it.
 
-    ``mark_as_done``/``mark_as_failure``/``mark_as_retry`` for the running task id are captured
-    (the value is serialized here, so an unencodable result raises kombu's ``EncodeError`` inside
-    the tracer as the real backend's ``store_result`` would); any other call, or another task id,
-    goes to the app's real backend (``update_state`` progress, ``AsyncResult`` of subtasks)."""
+    Storing the running task's own result is om-worker's job (it retries while the backend is
+    away), so ``store_result`` for this task id records the outcome (the value is serialized
+    here, so an unencodable result raises kombu's ``EncodeError`` inside the tracer as the real
+    backend's ``store_result`` would). Everything else Celery's backend does when a task ends
+    runs for real, through the backend class's own ``mark_as_*`` code with this proxy as
+    ``self``: a chord part's ``on_chord_part_return`` (the chord counter in redis://), the
+    errbacks of a failure (``link_error``), the FAILURE of the remaining chain elements. Any
+    other call, or another task id, goes to the app's real backend (``update_state`` progress,
+    ``AsyncResult`` of subtasks)."""
 
     def __init__(self, app, task_id, serializer):
         self._app = app
@@ -390,36 +405,47 @@ class CaptureBackend:
     def __getattr__(self, name):
         return getattr(self._real, name)
 
-    def mark_as_done(self, task_id, result, request=None, store_result=True, state=None):
+    def store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
         if task_id != self._task_id:
-            return self._real.mark_as_done(task_id, result, request=request,
-                                           store_result=store_result,
-                                           **({"state": state} if state else {}))
-        from celery.result import ResultBase
+            return self._real.store_result(task_id, result, state, traceback=traceback,
+                                           request=request, **kwargs)
+        if state == "SUCCESS":
+            from celery.result import ResultBase
 
-        if store_result:
             value = result
             if self._serializer != "pickle" and isinstance(value, ResultBase):
                 value = value.as_tuple()  # BaseBackend.prepare_value
             self.result = serialize(value, self._serializer)
+        self.outcome = (state, result, traceback)
+        return result
+
+    def mark_as_done(self, task_id, result, request=None, store_result=True, state="SUCCESS"):
+        if task_id != self._task_id:
+            return self._real.mark_as_done(task_id, result, request=request,
+                                           store_result=store_result, state=state)
+        # recorded even when the result is not stored (ignore_result): the task did succeed
         self.outcome = ("SUCCESS", result, None)
+        return type(self._real).mark_as_done(self, task_id, result, request=request,
+                                             store_result=store_result, state=state)
 
     def mark_as_failure(self, task_id, exc, traceback=None, request=None, store_result=True,
-                        call_errbacks=True, state=None):
+                        call_errbacks=True, state="FAILURE"):
         if task_id != self._task_id:
             return self._real.mark_as_failure(task_id, exc, traceback=traceback, request=request,
                                               store_result=store_result,
-                                              call_errbacks=call_errbacks,
-                                              **({"state": state} if state else {}))
+                                              call_errbacks=call_errbacks, state=state)
         self.outcome = ("FAILURE", exc, traceback)
+        return type(self._real).mark_as_failure(self, task_id, exc, traceback=traceback,
+                                                request=request, store_result=store_result,
+                                                call_errbacks=call_errbacks, state=state)
 
     def mark_as_retry(self, task_id, exc, traceback=None, request=None, store_result=True,
-                      state=None):
+                      state="RETRY"):
         if task_id != self._task_id:
             return self._real.mark_as_retry(task_id, exc, traceback=traceback, request=request,
-                                            store_result=store_result,
-                                            **({"state": state} if state else {}))
+                                            store_result=store_result, state=state)
         self.outcome = ("RETRY", exc, traceback)
+        return None
 
     def process_cleanup(self):
         real = getattr(self._app._local, "backend", None)  # only if the task created it
@@ -488,7 +514,8 @@ def _write_exception_bin(directory, exc, serializer, outcome):
 
 class _RetryCapture:
     """Wraps ``task.signature_from_request`` (only ``Task.retry`` calls it in a task process):
-    the retry signature's ``apply_async`` records the republish instead of publishing it."""
+    the retry signature's ``apply_async`` records what it republishes (for outcome.json), then
+    publishes it as Celery's worker does (same task id, ``retries`` + 1, the countdown's ETA)."""
 
     def __init__(self, task, app):
         self.task = task
@@ -500,9 +527,11 @@ class _RetryCapture:
         sig = self._orig(request, args, kwargs, queue=queue, **extra)
         explicit = args is not None or kwargs is not None
 
+        publish = sig.apply_async
+
         def apply_async(*a, **kw):
             self.info = self._describe(sig, explicit)
-            return None
+            return publish(*a, **kw)
 
         sig.apply_async = apply_async
         return sig
@@ -534,10 +563,38 @@ class _RetryCapture:
         return info
 
 
-def _soft_time_limit(task, app, req):
+def _decode_canvas(request, app):
+    """The message's ``callbacks``/``errbacks``/``chain`` (lists of signatures) and ``chord`` (a
+    signature), from typed JSON; each absent or empty one is ``None`` as in Celery's request."""
+    canvas = {}
+    for key in ("callbacks", "errbacks", "chain"):
+        value = request.get(key)
+        value = decode(value, app) if value is not None else None
+        if value is not None and not isinstance(value, (list, tuple)):
+            raise TypeError("message %s must be a list of signatures, got %s"
+                            % (key, type(value).__name__))
+        canvas[key] = [_as_signature(s, app, key) for s in value] if value else None
+    chord = request.get("chord")
+    chord = decode(chord, app) if chord is not None else None
+    canvas["chord"] = _as_signature(chord, app, "chord") if chord else None
+    return canvas
+
+
+def _as_signature(value, app, key):
+    from celery.canvas import Signature, signature
+
+    if isinstance(value, Signature):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("task"), str):
+        return signature(value, app=app)
+    raise TypeError("message %s holds %s, not a signature" % (key, type(value).__name__))
+
+
+def _soft_time_limit(task, app, req, worker_soft):
+    """Celery's order: the message's soft limit, the task's, the worker's."""
     tl = req.get("timelimit") or (None, None)
     soft = tl[1] if isinstance(tl, (list, tuple)) and len(tl) == 2 else None
-    return soft or task.soft_time_limit or app.conf.task_soft_time_limit
+    return soft or task.soft_time_limit or worker_soft or app.conf.task_soft_time_limit
 
 
 def _arm_soft_limit(seconds):
@@ -571,6 +628,13 @@ def _execute(request, result_dir):
 
     app = load_app()
     _init_worker_process(app, hostname)
+    default_queue = request.get("default_queue")
+    if isinstance(default_queue, str) and default_queue:
+        # what the task publishes without a queue of its own stays on this task's queue
+        app.conf.task_default_queue = default_queue
+        app.amqp.__dict__.pop("queues", None)  # rebuilt with the new default
+        app.amqp.__dict__.pop("router", None)
+        app.amqp.__dict__.pop("default_queue", None)
 
     task = app.tasks.get(name)
     if task is None:
@@ -584,6 +648,7 @@ def _execute(request, result_dir):
         if not isinstance(args, (list, tuple)):
             raise TypeError("task args must be a list, got %s" % type(args).__name__)
         args = list(args)
+        canvas = _decode_canvas(request, app)
     except (TypeError, ValueError, OverflowError, RecursionError) as e:
         return _failure(e if not isinstance(e, RecursionError)
                         else ValueError("typed JSON: nesting too deep"),
@@ -598,7 +663,10 @@ def _execute(request, result_dir):
         "properties": {"correlation_id": req_in.get("correlation_id"),
                        "reply_to": req_in.get("reply_to"),
                        "priority": delivery_info.get("priority")},
-        "callbacks": None, "errbacks": None, "chain": None, "chord": None,
+        # canvas: Celery's tracer publishes the callbacks and the next chain element, the
+        # backend (CaptureBackend) counts chord parts and calls the errbacks
+        "callbacks": canvas["callbacks"], "errbacks": canvas["errbacks"],
+        "chain": canvas["chain"], "chord": canvas["chord"],
     })
     req.setdefault("retries", 0)
     if req.get("root_id") is None:
@@ -614,7 +682,10 @@ def _execute(request, result_dir):
     task.signature_from_request = retry_capture
     task.__trace__ = build_tracer(name, task, app.loader, hostname, app=app, eager=False)
 
-    timer = _arm_soft_limit(_soft_time_limit(task, app, req))
+    worker_soft = request.get("soft_time_limit")
+    if not isinstance(worker_soft, (int, float)) or isinstance(worker_soft, bool):
+        worker_soft = None
+    timer = _arm_soft_limit(_soft_time_limit(task, app, req, worker_soft))
     t0 = time.monotonic()
     try:
         R, I, T, Rstr = task.__trace__(task_id, args, kwargs, req)

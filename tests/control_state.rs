@@ -101,6 +101,7 @@ fn ctx(state: &WorkerState, slot: usize) -> TaskContext {
         nodename: state.nodename.clone(),
         cancel: CancellationToken::new(),
         cancel_reason: Arc::default(),
+        delivery: Default::default(),
         soft_time_limit: None,
         slot,
         gpus: gpus(&["0", "1"]),

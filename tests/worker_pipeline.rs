@@ -25,7 +25,7 @@ use om_worker::ledger::memory::MemoryLedger;
 use om_worker::protocol::publish::{encode_task_v2, TaskSend};
 use om_worker::protocol::{ExceptionInfo, RawMessage, State, TaskMessage, Value};
 use om_worker::shutdown::Shutdown;
-use om_worker::tasks::{Output, Registry, Task, TaskContext, TaskError};
+use om_worker::tasks::{ErrorKind, Output, Registry, Task, TaskContext, TaskError};
 use om_worker::worker::Worker;
 
 const QUEUE: &str = "default";
@@ -99,6 +99,7 @@ impl Task for Gate {
             _ = ctx.cancel.cancelled() => Err(TaskError {
                 exception: ExceptionInfo::new("builtins", "RuntimeError", "cancelled"),
                 traceback: None,
+                kind: ErrorKind::Failure,
             }),
         }
     }

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::protocol::json::to_json;
 use crate::protocol::{RawMessage, TaskMessage, Value};
-use crate::tasks::{CancelReason, TaskContext, TaskError};
+use crate::tasks::{CancelReason, ErrorKind, TaskContext, TaskError};
 
 /// Celery's `CELERY_WORKER_REVOKES_MAX`: most ids remembered.
 pub const REVOKES_MAX: usize = 50_000;
@@ -761,14 +761,25 @@ impl RequestGuard {
                     .map(|m| m.repr())
                     .collect::<Vec<_>>()
                     .join(", ");
-                self.state.send_task_event(
-                    "task-failed",
-                    json!({
-                        "uuid": self.id,
-                        "exception": format!("{}({msg})", e.exception.exc_type),
-                        "traceback": e.traceback.clone().unwrap_or_default(),
-                    }),
-                );
+                let exception = format!("{}({msg})", e.exception.exc_type);
+                // Celery's worker events for each ending (celery.worker.request).
+                let (event, fields) = match e.kind {
+                    ErrorKind::Failure => (
+                        "task-failed",
+                        json!({"uuid": self.id, "exception": exception,
+                               "traceback": e.traceback.clone().unwrap_or_default()}),
+                    ),
+                    ErrorKind::Retry => (
+                        "task-retried",
+                        json!({"uuid": self.id, "exception": exception,
+                               "traceback": e.traceback.clone().unwrap_or_default()}),
+                    ),
+                    ErrorKind::Rejected => {
+                        ("task-rejected", json!({"uuid": self.id, "requeue": false}))
+                    }
+                    ErrorKind::Ignored => return,
+                };
+                self.state.send_task_event(event, fields);
             }
         }
     }

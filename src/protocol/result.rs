@@ -202,6 +202,16 @@ impl ResultMeta {
         }
     }
 
+    /// RETRY carrying the exception that caused it (Celery's `mark_as_retry`);
+    /// not a ready state, so no `date_done`.
+    pub fn retry(task_id: &str, exc: ExceptionInfo, traceback: Option<String>) -> Self {
+        ResultMeta {
+            status: State::Retry,
+            date_done: None,
+            ..Self::failure(task_id, exc, traceback)
+        }
+    }
+
     /// REVOKED with `TaskRevokedError(reason)`.
     pub fn revoked(task_id: &str, reason: &str) -> Self {
         ResultMeta {

@@ -48,6 +48,22 @@ pub struct TaskContext {
     pub slot: usize,
     /// The worker's GPU list (`--gpus`); empty = no GPU assignment.
     pub gpus: Vec<String>,
+    /// Where the message came from (Celery's `request.delivery_info`): a
+    /// task's `self.retry()` republishes to the same exchange and routing key.
+    pub delivery: DeliveryInfo,
+}
+
+/// Celery's `request.delivery_info` of a message.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeliveryInfo {
+    /// Exchange it was published to (`""`: the default exchange).
+    pub exchange: String,
+    /// Routing key it was published with (the queue, for Celery's tasks).
+    pub routing_key: String,
+    /// Its priority property, if any.
+    pub priority: Option<u8>,
+    /// Whether the broker redelivered it.
+    pub redelivered: bool,
 }
 
 /// The `CUDA_VISIBLE_DEVICES` value for a task slot: slot `i` gets
@@ -112,6 +128,25 @@ pub struct TaskError {
     pub exception: ExceptionInfo,
     /// Traceback text stored with the FAILURE.
     pub traceback: Option<String>,
+    /// How the task ended: a FAILURE, or one of Celery's other non-success endings.
+    pub kind: ErrorKind,
+}
+
+/// How a task that did not return ended, as Celery's tracer tells them apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ErrorKind {
+    /// It raised: FAILURE is stored.
+    #[default]
+    Failure,
+    /// It called `self.retry()` and has already been republished (same id,
+    /// `retries` + 1): RETRY is stored with the exception that caused it.
+    Retry,
+    /// It raised `celery.exceptions.Reject`: nothing is stored. The message
+    /// was acked when the task started (omega|ml leaves `acks_late` off), so
+    /// there is nothing to reject or requeue, as in Celery's worker.
+    Rejected,
+    /// It raised `celery.exceptions.Ignore`: nothing is stored.
+    Ignored,
 }
 
 impl TaskError {
@@ -123,6 +158,7 @@ impl TaskError {
         TaskError {
             traceback: Some(format!("{exc_type}: {message}\n")),
             exception: ExceptionInfo::new(module, exc_type, message),
+            kind: ErrorKind::Failure,
         }
     }
 
@@ -142,6 +178,13 @@ pub trait Task: Send + Sync {
     /// idempotent: a re-run of a task whose result is already recorded must
     /// not record it again.
     fn durable(&self) -> bool {
+        false
+    }
+    /// Whether the task carries out the Celery canvas of its message itself
+    /// (`link`/`link_error` callbacks, the rest of a `chain`, its `chord`'s
+    /// counter), as a Python task run through Celery's tracer does. A task
+    /// that does not has such messages failed instead of its canvas dropped.
+    fn runs_canvas(&self) -> bool {
         false
     }
     /// Runs the task.
@@ -200,6 +243,20 @@ impl Registry {
         }
         match &self.fallback {
             Some(source) => source.get(name).await,
+            None => None,
+        }
+    }
+
+    /// A task that runs the canvas a message carries (see
+    /// [`Task::runs_canvas`]): ours if it does, else the fallback source's
+    /// task of that name (omega|ml's own, for a message that pairs one of
+    /// om-worker's native tasks with a chain or a callback).
+    pub async fn resolve_canvas(&self, name: &str) -> Option<Arc<dyn Task>> {
+        if let Some(t) = self.get(name).filter(|t| t.runs_canvas()) {
+            return Some(t);
+        }
+        match &self.fallback {
+            Some(source) => source.get(name).await.filter(|t| t.runs_canvas()),
             None => None,
         }
     }
@@ -273,6 +330,7 @@ mod tests {
                     exc_message: vec![Value::from("gone")],
                 },
                 traceback: Some("NoFile: gone\n".into()),
+                kind: ErrorKind::Failure,
             }
         );
         assert_eq!(

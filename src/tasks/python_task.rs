@@ -35,7 +35,9 @@ use serde::Deserialize;
 use serde_json::json;
 use tracing::{debug, info, warn};
 
-use super::{gpu_env_for_slot, CancelReason, Output, Task, TaskContext, TaskError, TaskSource};
+use super::{
+    gpu_env_for_slot, CancelReason, ErrorKind, Output, Task, TaskContext, TaskError, TaskSource,
+};
 use crate::kernel::{ForkServerLauncher, KernelExit, KernelProcess, KernelTracker};
 use crate::protocol::result::SerializedValue;
 use crate::protocol::typed_json::{from_typed_json, to_typed_json};
@@ -84,6 +86,14 @@ impl PythonRuntime {
             kernels,
             runner: OnceLock::new(),
         }
+    }
+
+    /// Whether the tasks' environment names omega|ml's default queue
+    /// (`OMEGA_WORKER_LABEL`, else `CELERY_Q`, as `omegaml.defaults` reads it).
+    fn label_configured(&self) -> bool {
+        ["OMEGA_WORKER_LABEL", "CELERY_Q"]
+            .iter()
+            .any(|k| self.env.get(*k).is_some_and(|v| !v.is_empty()))
     }
 
     /// The path of `om_taskrunner.py` for plain processes (written on first use).
@@ -135,12 +145,21 @@ struct Outcome {
     traceback: Option<String>,
     #[serde(default)]
     repr: Option<String>,
+    /// What `self.retry()` republished (only logged).
+    #[serde(default)]
+    retry: Option<serde_json::Value>,
 }
 
 #[async_trait]
 impl Task for PythonTask {
     fn name(&self) -> &'static str {
         self.name
+    }
+
+    /// Celery's tracer in the child publishes callbacks and the next chain
+    /// element; its backend counts chord parts and calls errbacks.
+    fn runs_canvas(&self) -> bool {
+        true
     }
 
     async fn run(&self, ctx: TaskContext, msg: &TaskMessage) -> Result<Output, TaskError> {
@@ -150,7 +169,14 @@ impl Task for PythonTask {
             .map_err(|e| internal(format!("cannot create the task's directory: {e}")))?;
         let dir_path = dir.0.clone();
         let request_path = dir_path.join("request.json");
-        let request = request_json(msg, &ctx, rt.serializer, &dir_path);
+        let mut request = request_json(msg, &ctx, rt.serializer, &dir_path);
+        if !rt.label_configured() {
+            // No OMEGA_WORKER_LABEL/CELERY_Q for omega|ml's app: what the task
+            // publishes (the next chain element, callbacks, a retry without a
+            // routing key) goes to the queue this message came from, not to
+            // omega|ml's `default` (where a Python worker would send it).
+            request["default_queue"] = json!(ctx.delivery.routing_key);
+        }
         std::fs::write(&request_path, request.to_string())
             .map_err(|e| internal(format!("cannot write the task request: {e}")))?;
         let mut extra_env = BTreeMap::new();
@@ -243,6 +269,11 @@ fn request_json(
             .collect(),
     );
     let time = |t: Option<chrono::DateTime<chrono::Utc>>| t.map(|t| t.to_rfc3339());
+    // The canvas as the message's embed holds it (signatures as data objects).
+    let canvas = |key: &str| match msg.embed.get(key) {
+        None | Some(Value::None) => serde_json::Value::Null,
+        Some(v) => to_typed_json(v),
+    };
     json!({
         "task": msg.name,
         "id": msg.id,
@@ -251,6 +282,12 @@ fn request_json(
         "request": {
             "retries": msg.retries,
             "hostname": ctx.nodename,
+            "delivery_info": {
+                "exchange": ctx.delivery.exchange,
+                "routing_key": ctx.delivery.routing_key,
+                "priority": ctx.delivery.priority,
+                "redelivered": ctx.delivery.redelivered,
+            },
             "reply_to": msg.reply_to,
             "correlation_id": msg.id,
             "root_id": msg.root_id,
@@ -259,11 +296,17 @@ fn request_json(
             "group_index": msg.group_index,
             "eta": time(msg.eta),
             "expires": time(msg.expires),
-            // The effective soft limit (the message's, else the worker's), armed by the child.
-            "timelimit": [msg.hard_time_limit, ctx.soft_time_limit],
+            // The message's limits, as Celery's request holds them (a retry passes them on).
+            "timelimit": [msg.hard_time_limit, msg.soft_time_limit],
             "origin": msg.origin,
             "ignore_result": msg.ignore_result.unwrap_or(false),
         },
+        "callbacks": canvas("callbacks"),
+        "errbacks": canvas("errbacks"),
+        "chain": canvas("chain"),
+        "chord": canvas("chord"),
+        // The soft limit when neither the message nor the task sets one (the worker's).
+        "soft_time_limit": ctx.soft_time_limit,
         "result_serializer": serializer.as_str(),
         "result_dir": result_dir.to_string_lossy(),
     })
@@ -287,14 +330,15 @@ fn read_outcome(dir: &Path, exit: KernelExit, serializer: Serializer) -> Result<
                 repr: outcome.repr.unwrap_or_else(|| "<result>".into()),
             }))
         }
-        "FAILURE" | "RETRY" | "REJECTED" | "IGNORED" => {
-            if outcome.status != "FAILURE" {
-                // Celery's retry/reject/ignore are not relayed yet: the client
-                // gets the exception the task raised for it.
-                warn!(
-                    "task ended with {}, which om-worker reports as a FAILURE",
-                    outcome.status
-                );
+        status @ ("FAILURE" | "RETRY" | "REJECTED" | "IGNORED") => {
+            let kind = match status {
+                "RETRY" => ErrorKind::Retry,
+                "REJECTED" => ErrorKind::Rejected,
+                "IGNORED" => ErrorKind::Ignored,
+                _ => ErrorKind::Failure,
+            };
+            if let Some(retry) = &outcome.retry {
+                info!(retry = %retry, "the task republished itself for a retry");
             }
             let exc_message = match outcome.exc_message.as_ref().map(from_typed_json) {
                 Some(Ok(Value::List(args))) | Some(Ok(Value::Tuple(args))) => args,
@@ -309,6 +353,7 @@ fn read_outcome(dir: &Path, exit: KernelExit, serializer: Serializer) -> Result<
                     exc_message,
                 },
                 traceback: outcome.traceback,
+                kind,
             })
         }
         other => Err(internal(format!("unknown task outcome status {other:?}"))),
@@ -398,16 +443,21 @@ impl PythonCatalog {
         }
         match self.list().await {
             Ok(names) => {
+                // om-worker's own tasks stay listed: a message of theirs that
+                // carries canvas runs here (see `Registry::resolve_canvas`).
                 let tasks: HashMap<String, Arc<dyn Task>> = names
                     .into_iter()
-                    .filter(|n| !self.native.contains(n))
                     .map(|n| {
                         let task: Arc<dyn Task> =
                             Arc::new(PythonTask::new(&n, Arc::clone(&self.runtime)));
                         (n, task)
                     })
                     .collect();
-                let mut names: Vec<_> = tasks.keys().cloned().collect();
+                let mut names: Vec<_> = tasks
+                    .keys()
+                    .filter(|n| !self.native.contains(*n))
+                    .cloned()
+                    .collect();
                 names.sort();
                 info!(
                     "python tasks (one fresh child process per task): {}",
@@ -505,11 +555,12 @@ mod tests {
         ))
     }
 
-    /// Which names go to Python: what the listing says, minus om-worker's
-    /// own tasks. (The listing itself is the real omega|ml app's in
-    /// tests/interop/test_runtime_models.py; here a stand-in prints it.)
+    /// Which names go to Python: what the listing says; om-worker's own
+    /// tasks only for messages carrying canvas. (The listing itself is the
+    /// real omega|ml app's in tests/interop/test_runtime_models.py; here a
+    /// stand-in prints it.)
     #[tokio::test]
-    async fn catalog_routes_listed_names_except_native_ones() {
+    async fn catalog_routes_listed_names_and_native_ones_only_for_canvas() {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().expect("tempdir");
         let fake = dir.path().join("python");
@@ -519,20 +570,33 @@ mod tests {
         )
         .expect("write");
         std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        let catalog = PythonCatalog::new(
+        let registry = super::super::Registry::builtin();
+        let catalog = Arc::new(PythonCatalog::new(
             runtime(fake, dir.path()),
-            ["omegaml.tasks.omega_ping".to_owned()],
-        );
-        let fit = catalog
-            .get("omegaml.tasks.omega_fit")
+            registry.names().into_iter().map(str::to_owned),
+        ));
+        let registry = registry.with_fallback(catalog);
+        let fit = registry
+            .resolve("omegaml.tasks.omega_fit")
             .await
             .expect("listed");
         assert_eq!(fit.name(), "omegaml.tasks.omega_fit");
+        assert!(fit.runs_canvas());
+        let ping = registry
+            .resolve("omegaml.tasks.omega_ping")
+            .await
+            .expect("native");
+        assert!(!ping.runs_canvas(), "om-worker's own ping first");
+        let ping = registry
+            .resolve_canvas("omegaml.tasks.omega_ping")
+            .await
+            .expect("listed in Python too");
         assert!(
-            catalog.get("omegaml.tasks.omega_ping").await.is_none(),
-            "native"
+            ping.runs_canvas(),
+            "the Python ping for a message with canvas"
         );
-        assert!(catalog.get("no.such.task").await.is_none());
+        assert!(registry.resolve("no.such.task").await.is_none());
+        assert!(registry.resolve_canvas("no.such.task").await.is_none());
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@ use crate::backend::ReplyTarget;
 use crate::config::UnknownTaskPolicy;
 use crate::protocol::message::{peek_task_id, peek_task_name};
 use crate::protocol::{decode_task, ExceptionInfo, RawMessage, ResultMeta, TaskMessage, Value};
-use crate::tasks::{Output, Task, TaskError};
+use crate::tasks::{ErrorKind, Output, Task, TaskError};
 
 /// How a message is settled on the broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,19 +128,26 @@ pub fn route(
     }
 }
 
-/// Stage 2b: Celery canvas this worker does not run yet. A message carrying
-/// callbacks (`link`), errbacks (`link_error`), a `chain` or a `chord`
-/// would have them silently dropped if only its task ran, so it is failed
-/// (`NotImplementedError`, which the client re-raises) and rejected instead.
-pub fn unsupported_canvas(msg: &TaskMessage) -> Option<Verdict> {
-    let present: Vec<&str> = ["callbacks", "errbacks", "chain", "chord"]
+/// Which canvas fields (`callbacks`, `errbacks`, `chain`, `chord`) the
+/// message carries, empty ones left out.
+pub fn canvas(msg: &TaskMessage) -> Vec<&'static str> {
+    ["callbacks", "errbacks", "chain", "chord"]
         .into_iter()
         .filter(|k| match msg.embed.get(k) {
             None | Some(Value::None) => false,
             Some(Value::List(v)) | Some(Value::Tuple(v)) => !v.is_empty(),
             Some(_) => true,
         })
-        .collect();
+        .collect()
+}
+
+/// Stage 2b: Celery canvas for a task that cannot run it (one of om-worker's
+/// own, with no Python task of that name to run it instead). A message carrying
+/// callbacks (`link`), errbacks (`link_error`), a `chain` or a `chord`
+/// would have them silently dropped if only its task ran, so it is failed
+/// (`NotImplementedError`, which the client re-raises) and rejected instead.
+pub fn unsupported_canvas(msg: &TaskMessage) -> Option<Verdict> {
+    let present = canvas(msg);
     if present.is_empty() {
         return None;
     }
@@ -207,8 +214,9 @@ fn revoked_verdict(msg: &TaskMessage, reason: &str) -> Verdict {
 
 /// Last stage: what a finished run stores. SUCCESS unless the client asked to
 /// ignore results; a FAILURE always (Celery's `store_errors_even_if_ignored`,
-/// as omega|ml configures it); REVOKED("terminated") when `revoke(terminate=True)`
-/// stopped the run, whatever the task returned.
+/// as omega|ml configures it); RETRY for a task that republished itself;
+/// nothing for `Reject`/`Ignore`; REVOKED("terminated") when
+/// `revoke(terminate=True)` stopped the run, whatever the task returned.
 pub fn outcome_report(
     msg: &TaskMessage,
     outcome: Result<Output, TaskError>,
@@ -221,7 +229,11 @@ pub fn outcome_report(
         Ok(_) if msg.ignore_result == Some(true) => None,
         Ok(Output::Value(value)) => Some(ResultMeta::success(&msg.id, value)),
         Ok(Output::Serialized(value)) => Some(ResultMeta::success_serialized(&msg.id, value)),
-        Err(err) => Some(ResultMeta::failure(&msg.id, err.exception, err.traceback)),
+        Err(err) => match err.kind {
+            ErrorKind::Failure => Some(ResultMeta::failure(&msg.id, err.exception, err.traceback)),
+            ErrorKind::Retry => Some(ResultMeta::retry(&msg.id, err.exception, err.traceback)),
+            ErrorKind::Rejected | ErrorKind::Ignored => None,
+        },
     }
 }
 
@@ -409,5 +421,40 @@ mod tests {
             Some(State::Failure),
             "errors are stored even when results are ignored"
         );
+    }
+
+    #[test]
+    fn retry_is_stored_reject_and_ignore_are_not() {
+        let m = msg();
+        let ended = |kind| {
+            Err(TaskError {
+                kind,
+                ..TaskError::new("builtins", "RuntimeError", "again")
+            })
+        };
+        let retry = outcome_report(&m, ended(ErrorKind::Retry), false).expect("stored");
+        assert_eq!(retry.status, State::Retry);
+        assert!(retry.date_done.is_none(), "RETRY is not a ready state");
+        assert!(retry.result.repr().contains("RuntimeError"), "the cause is kept");
+        assert!(outcome_report(&m, ended(ErrorKind::Rejected), false).is_none());
+        assert!(outcome_report(&m, ended(ErrorKind::Ignored), false).is_none());
+        assert_eq!(
+            outcome_report(&m, ended(ErrorKind::Retry), true).map(|r| r.status),
+            Some(State::Revoked),
+            "a terminated run is REVOKED whatever it ended with"
+        );
+    }
+
+    #[test]
+    fn canvas_lists_the_fields_present() {
+        let mut m = msg();
+        assert!(canvas(&m).is_empty());
+        m.embed = Value::dict([
+            ("callbacks", Value::None),
+            ("errbacks", Value::List(vec![])),
+            ("chain", Value::List(vec![Value::from("x")])),
+            ("chord", Value::from("body")),
+        ]);
+        assert_eq!(canvas(&m), vec!["chain", "chord"]);
     }
 }

@@ -26,7 +26,7 @@ use crate::control::state::RequestGuard;
 use crate::ledger::{Begin, Ledger};
 use crate::protocol::message::{peek_task_id, peek_task_name};
 use crate::protocol::{Outgoing, RawMessage, ResultMeta, TaskMessage};
-use crate::tasks::TaskContext;
+use crate::tasks::{DeliveryInfo, ErrorKind, TaskContext};
 
 /// Handles one delivery from receipt to settlement.
 pub(super) async fn handle(s: Arc<Shared>, d: Delivery) {
@@ -63,9 +63,21 @@ pub(super) async fn handle(s: Arc<Shared>, d: Delivery) {
             return forward(&s, &message, &msg.id, &msg.name, &queue, acker).await
         }
     };
-    if let Some(v) = decide::unsupported_canvas(&msg) {
-        return conclude(s.backend.as_ref(), acker, &msg.id, v).await;
-    }
+    // om-worker's own tasks do not run canvas; omega|ml's Python task of the
+    // same name does (e.g. `om.runtime.sequence()` starting with a ping).
+    let task = match task.runs_canvas() || decide::canvas(&msg).is_empty() {
+        true => task,
+        false => match s.registry.resolve_canvas(&msg.name).await {
+            Some(python) => {
+                info!(task_id = %msg.id, task = %msg.name, "the message carries canvas: running omega|ml's Python task instead of om-worker's own");
+                python
+            }
+            None => match decide::unsupported_canvas(&msg) {
+                Some(v) => return conclude(s.backend.as_ref(), acker, &msg.id, v).await,
+                None => task,
+            },
+        },
+    };
     let mut req = s.state.received(&msg, &message);
     if !admitted(&s, &msg, acker, &req).await {
         return;
@@ -92,7 +104,7 @@ pub(super) async fn handle(s: Arc<Shared>, d: Delivery) {
         )
         .await;
     }
-    let Some(_running) = RunningGuard::enter(&s.running, &msg.id) else {
+    let Some(_running) = RunningGuard::enter(&s.running, &msg) else {
         warn!(task_id = %msg.id, task = %msg.name, "duplicate delivery of a task running on this worker; acking it");
         return settle(acker, Settle::Ack, &msg.id).await;
     };
@@ -142,6 +154,12 @@ pub(super) async fn handle(s: Arc<Shared>, d: Delivery) {
         soft_time_limit: soft,
         slot: req.start(),
         gpus: s.config.gpus.clone(),
+        delivery: DeliveryInfo {
+            exchange: message.exchange.clone(),
+            routing_key: message.routing_key.clone(),
+            priority: message.priority,
+            redelivered: message.redelivered,
+        },
     };
     req.running(&ctx);
     let renewer = ledger.clone().map(|l| renew_lease(l, msg.id.clone()));
@@ -151,12 +169,31 @@ pub(super) async fn handle(s: Arc<Shared>, d: Delivery) {
     req.finish(&outcome, |v| v.repr());
     match &outcome {
         Ok(_) => info!(task_id = %msg.id, task = %msg.name, "task succeeded in {runtime:.3?}"),
-        Err(err) => warn!(
-            task_id = %msg.id, task = %msg.name,
-            "task failed in {runtime:.3?}: {}: {}",
-            err.exception.exc_type,
-            err.exception.exc_message.first().map(|m| m.repr()).unwrap_or_default()
-        ),
+        Err(err) => {
+            let exc = format!(
+                "{}: {}",
+                err.exception.exc_type,
+                err.exception
+                    .exc_message
+                    .first()
+                    .map(|m| m.repr())
+                    .unwrap_or_default()
+            );
+            match err.kind {
+                ErrorKind::Failure => {
+                    warn!(task_id = %msg.id, task = %msg.name, "task failed in {runtime:.3?}: {exc}")
+                }
+                ErrorKind::Retry => {
+                    info!(task_id = %msg.id, task = %msg.name, retries = msg.retries, "task retry in {runtime:.3?}: {exc}")
+                }
+                ErrorKind::Rejected => {
+                    info!(task_id = %msg.id, task = %msg.name, "task rejected itself in {runtime:.3?} (Reject; the message was acked at start): {exc}")
+                }
+                ErrorKind::Ignored => {
+                    info!(task_id = %msg.id, task = %msg.name, "task ignored in {runtime:.3?} (Ignore; no result stored)")
+                }
+            }
+        }
     }
     if let Some(meta) = decide::outcome_report(&msg, outcome, req.terminated()) {
         store(s.backend.as_ref(), &meta, &target).await;
@@ -282,25 +319,26 @@ async fn forward(
 /// Marks a task id as running here for as long as it lives: a second
 /// delivery of a running id (a publisher's duplicate, a re-queue racing its
 /// own run) is acked and dropped instead of running the task twice at once.
+/// Keyed by id and `retries`: a task's `self.retry()` republishes the same id
+/// with `retries` + 1 before its run has ended here, and that copy must run.
 struct RunningGuard<'a> {
-    running: &'a Mutex<HashSet<String>>,
-    id: String,
+    running: &'a Mutex<HashSet<(String, i64)>>,
+    key: (String, i64),
 }
 
 impl<'a> RunningGuard<'a> {
-    /// `None` when the id is already running here.
-    fn enter(running: &'a Mutex<HashSet<String>>, id: &str) -> Option<Self> {
+    /// `None` when this delivery (id and retry count) is already running here.
+    fn enter(running: &'a Mutex<HashSet<(String, i64)>>, msg: &TaskMessage) -> Option<Self> {
+        let key = (msg.id.clone(), msg.retries);
         let mut set = running.lock().unwrap_or_else(|p| p.into_inner());
-        set.insert(id.to_owned()).then(|| RunningGuard {
-            running,
-            id: id.to_owned(),
-        })
+        set.insert(key.clone())
+            .then_some(RunningGuard { running, key })
     }
 }
 
 impl Drop for RunningGuard<'_> {
     fn drop(&mut self) {
         let mut set = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        set.remove(&self.id);
+        set.remove(&self.key);
     }
 }

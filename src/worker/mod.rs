@@ -66,8 +66,8 @@ struct Shared {
     state: Arc<WorkerState>,
     /// In-flight ledger for durable tasks (None: ack-at-start only).
     ledger: Option<Arc<dyn Ledger>>,
-    /// Ids of the tasks running here (see `delivery::RunningGuard`).
-    running: Mutex<HashSet<String>>,
+    /// Ids (and retry counts) of the tasks running here (see `delivery::RunningGuard`).
+    running: Mutex<HashSet<(String, i64)>>,
 }
 
 /// A worker: one broker, one backend, a registry, N slots. Built with

@@ -12,7 +12,7 @@ use tracing::{error, warn};
 
 use crate::ledger::Ledger;
 use crate::protocol::{ExceptionInfo, TaskMessage};
-use crate::tasks::{CancelReason, Output, Task, TaskContext, TaskError};
+use crate::tasks::{CancelReason, ErrorKind, Output, Task, TaskContext, TaskError};
 
 /// Runs `task` to its outcome within `hard` seconds.
 pub async fn run_limited(
@@ -45,6 +45,7 @@ pub async fn run_limited(
             Err(TaskError {
                 exception: ExceptionInfo::new("om_worker.errors", "WorkerInternalError", what),
                 traceback: None,
+                kind: ErrorKind::Failure,
             })
         }
         Err(_) => Err(TaskError {
@@ -52,6 +53,7 @@ pub async fn run_limited(
             traceback: Some(format!(
                 "TimeLimitExceeded: hard time limit ({hard}s) exceeded\n"
             )),
+            kind: ErrorKind::Failure,
         }),
     };
     if let Some(t) = soft_timer {
