@@ -56,11 +56,12 @@ def _start_python_worker(broker_url, label, mongo_url, tmp_path, started):
     return w
 
 
-def _run(kind, broker, mongo, label, node, tmp_path):
+def _client(kind, broker, mongo, label, tmp_path):
+    """(database URL, inner pytest env, client tmp dir): each worker gets its own database."""
     db_url = mongo.rsplit("/", 1)[0] + f"/omw_suite_{kind}_{short_id()}"
     tmp = tmp_path / f"client-{kind}"
     tmp.mkdir()
-    env = suite.suite_env(os.environ, db_url, broker.url, BACKEND, label, node, tmp)
+    env = suite.suite_env(os.environ, db_url, broker.url, BACKEND, label, None, tmp)
     return db_url, env, tmp
 
 
@@ -78,7 +79,7 @@ def test_python_worker_passes_are_om_worker_passes(broker_kind, worker, names, m
 
     # -- the Python worker ------------------------------------------------------------------
     py_label = names.queue("omwsuite-py")
-    db_py, env_py, tmp_py = _run("py", broker, mongo, py_label, None, tmp_path)
+    db_py, env_py, tmp_py = _client("py", broker, mongo, py_label, tmp_path)
     pw = _start_python_worker(broker.url, py_label, db_py, tmp_path, started)
     names.nodes.append(pw.nodename)
     env_py["OMW_SUITE_NODE"] = pw.nodename
@@ -89,8 +90,9 @@ def test_python_worker_passes_are_om_worker_passes(broker_kind, worker, names, m
 
     # -- om-worker ---------------------------------------------------------------------------
     rs_label = names.queue("omwsuite-rs")
-    db_rs, env_rs, tmp_rs = _run("rs", broker, mongo, rs_label, None, tmp_path)
-    ow = worker(broker.url, [rs_label], backend=BACKEND, concurrency=CONCURRENCY, env_extra=dict(_label_env(rs_label), OMEGA_MONGO_URL=db_rs))
+    db_rs, env_rs, tmp_rs = _client("rs", broker, mongo, rs_label, tmp_path)
+    ow = worker(broker.url, [rs_label], backend=BACKEND, concurrency=CONCURRENCY,
+                env_extra=dict(_label_env(rs_label), OMEGA_MONGO_URL=db_rs))
     started.append(ow)
     env_rs["OMW_SUITE_NODE"] = ow.nodename
     rs_out, rs_log, timings["om-worker"] = suite.run_suite(VENV_PY, env_rs, tmp_rs)
