@@ -137,10 +137,18 @@ def _make_signature(args, state, app):
     return signature(args[0], app=app)
 
 
+def _make_range(args, state, app):
+    if (len(args) != 3 or not all(type(a) is int for a in args) or args[2] == 0
+            or state is not None):
+        raise TypeError("typed JSON: builtins.range takes three ints (start, stop, step != 0)")
+    return range(*args)
+
+
 #: the only classes a ``$object`` may name; the values build them from data (no name lookup)
 OBJECT_CLASSES = {
     "omegaml.mixins.store.passthrough.PassthroughDataset": _make_passthrough,
     "celery.canvas.signature": _make_signature,
+    "builtins.range": _make_range,
 }
 
 _FLOATS = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
@@ -268,6 +276,10 @@ def _encode(value, depth):
         return {"$set": [_encode(v, d) for v in value]}
     if t in (bytes, bytearray):
         return {"$bytes": base64.b64encode(bytes(value)).decode("ascii")}
+    if t is range:
+        return {"$object": {"class": "builtins.range",
+                            "args": [_encode(value.start, d), _encode(value.stop, d),
+                                     _encode(value.step, d)], "state": None}}
     if isinstance(value, datetime.datetime):
         return {"$datetime": value.isoformat(timespec="microseconds")}
     if isinstance(value, datetime.date):

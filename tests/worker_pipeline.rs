@@ -484,6 +484,34 @@ async fn duplicate_delivery_of_a_running_task_is_acked_not_run_twice() {
     h.stop().await;
 }
 
+/// `self.retry()` republishes the same id with `retries` + 1 while the first
+/// run is still ending: that copy is not a duplicate and runs.
+#[tokio::test]
+async fn a_retry_of_a_running_task_is_not_a_duplicate() {
+    let gate = Gate::new("test.gate", false);
+    let h = Harness::start(config(2), vec![gate.clone()], None);
+    h.broker.push(message("test.gate", "t-retry", vec![]));
+    gate.started().await;
+    h.broker.push(with_header(
+        message("test.gate", "t-retry", vec![]),
+        "retries",
+        Value::Int(1),
+    ));
+    within(async {
+        while gate.runs() < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    gate.open(2);
+    h.until_states("t-retry", 4).await;
+    assert_eq!(
+        h.settlement("t-retry"),
+        vec![Settlement::Acked, Settlement::Acked]
+    );
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn failed_ack_means_not_run() {
     let gate = Gate::new("test.gate", false);

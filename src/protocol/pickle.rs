@@ -246,6 +246,7 @@ fn normalize_module(module: &str) -> &str {
 fn normalize_name<'n>(module: &str, name: &'n str) -> &'n str {
     match (module, name) {
         ("builtins", "unicode") => "str",
+        ("builtins", "xrange") => "range",
         (_, other) => other,
     }
 }
@@ -907,6 +908,7 @@ impl<'a> Machine<'a> {
                     let g = self.callable(callable, "REDUCE")?;
                     let node = match g {
                         Global::Data(DataClass::CelerySignature) => self.signature(&args)?,
+                        Global::Data(DataClass::Range) => self.range(&args)?,
                         _ => self.call(g, &args)?,
                     };
                     self.push(node)?;
@@ -1371,7 +1373,7 @@ impl<'a> Machine<'a> {
                 g,
                 "only accepted via NEWOBJ/NEWOBJ_EX or copyreg._reconstructor",
             )),
-            Global::Data(DataClass::CelerySignature) => {
+            Global::Data(DataClass::CelerySignature | DataClass::Range) => {
                 Err(self.bad_call(g, "only accepted via REDUCE"))
             }
         }
@@ -1394,6 +1396,34 @@ impl<'a> Machine<'a> {
                 ),
             )),
         }
+    }
+
+    /// `range(start, stop, step)` via `REDUCE`: exactly three ints, step not 0
+    /// (what `range.__reduce__` writes; Python refuses a zero step).
+    fn range(&self, args: &[usize]) -> Result<Node, PickleError> {
+        let g = Global::Data(DataClass::Range);
+        let ints = args
+            .iter()
+            .map(|a| Ok(matches!(self.node(*a)?, Node::Leaf(Value::Int(_)))))
+            .collect::<Result<Vec<bool>, PickleError>>()?;
+        let step_is_zero = matches!(
+            args.get(2).map(|a| self.node(*a)).transpose()?,
+            Some(Node::Leaf(Value::Int(0)))
+        );
+        if args.len() != 3 || ints.contains(&false) || step_is_zero {
+            return Err(self.bad_call(
+                g,
+                format!(
+                    "expects three int arguments (start, stop, step != 0), got ({})",
+                    self.shape(args)
+                ),
+            ));
+        }
+        Ok(Node::Object {
+            class: DataClass::Range,
+            args: args.to_vec(),
+            state: None,
+        })
     }
 
     /// `PassthroughDataset` from its constructor arguments: exactly one `str`.
@@ -2304,6 +2334,14 @@ fn encode_object(o: &DataObject, out: &mut Vec<u8>) {
             out.push(TUPLE1);
             out.push(REDUCE);
         }
+        DataClass::Range => {
+            put_global(out, module, name);
+            for a in &o.args {
+                encode_into(a, out);
+            }
+            out.push(TUPLE3);
+            out.push(REDUCE);
+        }
         DataClass::PassthroughDataset => {
             put_global(out, "copyreg", "_reconstructor");
             put_global(out, module, name);
@@ -2403,6 +2441,43 @@ mod tests {
             encode_reduce(&call),
             b"\x80\x04cbuiltins\nValueError\n\x8c\x01x\x85R.".to_vec()
         );
+    }
+
+    /// `range` as protocols 0, 2 (`__builtin__.xrange`) and 4 write it, a
+    /// negative step, the round trip through the encoder, and the refusals.
+    #[test]
+    fn range_is_data() {
+        let range = |a: i64, b: i64, c: i64| {
+            Value::Object(Box::new(DataObject::new(
+                DataClass::Range,
+                vec![Value::Int(a), Value::Int(b), Value::Int(c)],
+                Value::None,
+            )))
+        };
+        let expected = Value::dict([("n", range(1, 8, 1))]);
+        for bytes in [
+            &b"(dp0\nVn\np1\nc__builtin__\nxrange\np2\n(I1\nI8\nI1\ntp3\nRp4\ns."[..],
+            &b"\x80\x02}q\x00X\x01\x00\x00\x00nq\x01c__builtin__\nxrange\nq\x02K\x01K\x08K\x01\x87q\x03Rq\x04s."[..],
+            &b"\x80\x04\x95'\x00\x00\x00\x00\x00\x00\x00}\x94\x8c\x01n\x94\x8c\x08builtins\x94\x8c\x05range\x94\x93\x94K\x01K\x08K\x01\x87\x94R\x94s."[..],
+        ] {
+            assert_eq!(decode(bytes).expect("range"), expected);
+        }
+        let negative = decode(b"\x80\x02c__builtin__\nxrange\nq\x00K\x05J\xfb\xff\xff\xffJ\xfe\xff\xff\xff\x87q\x01Rq\x02.")
+            .expect("range");
+        assert_eq!(negative, range(5, -5, -2));
+        assert_eq!(negative.repr(), "range(5, -5, -2)");
+        assert_eq!(expected.repr(), "{'n': range(1, 8)}");
+        assert_eq!(decode(&encode(&expected)).expect("round trip"), expected);
+        for bad in [
+            &b"\x80\x02c__builtin__\nxrange\nK\x01K\x08K\x00\x87R."[..], // step 0
+            &b"\x80\x02c__builtin__\nxrange\nK\x01K\x08\x86R."[..],      // two args
+            &b"\x80\x02c__builtin__\nxrange\nX\x01\x00\x00\x00aK\x08K\x01\x87R."[..], // a str
+        ] {
+            assert!(
+                matches!(decode(bad), Err(PickleError::BadCall { .. })),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

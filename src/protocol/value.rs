@@ -85,17 +85,26 @@ pub enum DataClass {
     /// pickle as `signature(dict(self))`), as found in a message's `embed`
     /// (`chain`, `callbacks`, `errbacks`, `chord`).
     CelerySignature,
+    /// `builtins.range` (`xrange` in protocols 0–2): `range(start, stop,
+    /// step)`, three ints, as `range.__reduce__` writes it; e.g. a
+    /// gridsearch's `parameters={'n_neighbors': range(1, 8)}`.
+    Range,
 }
 
 impl DataClass {
     /// Every data class.
-    pub const ALL: [DataClass; 2] = [DataClass::PassthroughDataset, DataClass::CelerySignature];
+    pub const ALL: [DataClass; 3] = [
+        DataClass::PassthroughDataset,
+        DataClass::CelerySignature,
+        DataClass::Range,
+    ];
 
     /// The full dotted `module.QualName`, as [`DataObject::class`] holds it.
     pub fn path(self) -> &'static str {
         match self {
             DataClass::PassthroughDataset => "omegaml.mixins.store.passthrough.PassthroughDataset",
             DataClass::CelerySignature => "celery.canvas.signature",
+            DataClass::Range => "builtins.range",
         }
     }
 
@@ -106,6 +115,7 @@ impl DataClass {
                 ("omegaml.mixins.store.passthrough", "PassthroughDataset")
             }
             DataClass::CelerySignature => ("celery.canvas", "signature"),
+            DataClass::Range => ("builtins", "range"),
         }
     }
 
@@ -126,12 +136,14 @@ impl DataClass {
         match self {
             DataClass::PassthroughDataset => "PassthroughDataset",
             DataClass::CelerySignature => "Signature",
+            DataClass::Range => "range",
         }
     }
 
     /// The one accepted shape: a `PassthroughDataset` has exactly one `str`
     /// argument (its name) and a `dict` state or none; a `signature` has
-    /// exactly one `dict` argument and no state. Anything else is refused,
+    /// exactly one `dict` argument and no state; a `range` three `int`s and
+    /// no state. Anything else is refused,
     /// because the consumer rebuilds the object from exactly these parts.
     pub fn check(self, args: &[Value], state: &Value) -> Result<(), ObjectShapeError> {
         let bad = |reason: &'static str| ObjectShapeError {
@@ -150,6 +162,14 @@ impl DataClass {
             DataClass::CelerySignature => {
                 if !matches!(args, [Value::Dict(_)]) {
                     return Err(bad("expects exactly one dict argument"));
+                }
+                if !state.is_none() {
+                    return Err(bad("takes no state"));
+                }
+            }
+            DataClass::Range => {
+                if !matches!(args, [Value::Int(_), Value::Int(_), Value::Int(step)] if *step != 0) {
+                    return Err(bad("expects three int arguments (start, stop, step != 0)"));
                 }
                 if !state.is_none() {
                     return Err(bad("takes no state"));
@@ -213,7 +233,9 @@ impl DataObject {
     pub fn plain(&self) -> std::borrow::Cow<'_, Value> {
         use std::borrow::Cow;
         match (self.data_class(), self.args.first()) {
-            (Ok(_), Some(arg)) => Cow::Borrowed(arg),
+            (Ok(DataClass::PassthroughDataset | DataClass::CelerySignature), Some(arg)) => {
+                Cow::Borrowed(arg)
+            }
             _ => Cow::Owned(Value::dict([
                 ("class", Value::Str(self.class.clone())),
                 ("args", Value::List(self.args.clone())),
@@ -445,7 +467,13 @@ impl Value {
                 let short = o.class.rsplit('.').next().unwrap_or(&o.class);
                 out.push_str(short);
                 out.push('(');
-                repr_seq(&o.args, out);
+                match (o.data_class(), o.args.as_slice()) {
+                    // Python leaves a step of 1 out: range(1, 8)
+                    (Ok(DataClass::Range), [start, stop, Value::Int(1)]) => {
+                        repr_seq(&[start.clone(), stop.clone()], out)
+                    }
+                    _ => repr_seq(&o.args, out),
+                }
                 out.push(')');
             }
         }

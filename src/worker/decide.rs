@@ -435,7 +435,10 @@ mod tests {
         let retry = outcome_report(&m, ended(ErrorKind::Retry), false).expect("stored");
         assert_eq!(retry.status, State::Retry);
         assert!(retry.date_done.is_none(), "RETRY is not a ready state");
-        assert!(retry.result.repr().contains("RuntimeError"), "the cause is kept");
+        assert!(
+            retry.result.repr().contains("RuntimeError"),
+            "the cause is kept"
+        );
         assert!(outcome_report(&m, ended(ErrorKind::Rejected), false).is_none());
         assert!(outcome_report(&m, ended(ErrorKind::Ignored), false).is_none());
         assert_eq!(

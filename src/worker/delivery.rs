@@ -331,8 +331,9 @@ impl<'a> RunningGuard<'a> {
     fn enter(running: &'a Mutex<HashSet<(String, i64)>>, msg: &TaskMessage) -> Option<Self> {
         let key = (msg.id.clone(), msg.retries);
         let mut set = running.lock().unwrap_or_else(|p| p.into_inner());
+        // Lazily: a guard built for a duplicate would lock `running` again on drop.
         set.insert(key.clone())
-            .then_some(RunningGuard { running, key })
+            .then(|| RunningGuard { running, key })
     }
 }
 
