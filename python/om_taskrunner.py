@@ -144,11 +144,61 @@ def _make_range(args, state, app):
     return range(*args)
 
 
+_DTYPE_KINDS = set("biufcmMUS")  # numbers, times, text; no structured (V) dtypes
+
+
+def _make_dtype(args, state, app):
+    import numpy
+
+    if (len(args) != 3 or not isinstance(args[0], str) or type(args[1]) is not bool
+            or type(args[2]) is not bool):
+        raise TypeError("typed JSON: numpy.dtype takes (name, align, copy)")
+    dt = numpy.dtype(args[0], args[1], args[2])
+    if dt.kind not in _DTYPE_KINDS and dt.str not in ("|O", "|O8"):
+        raise TypeError("typed JSON: numpy.dtype %r is not accepted" % (args[0],))
+    if state is not None:
+        if not isinstance(state, tuple) or len(state) < 8 or any(
+                state[i] is not None for i in (2, 3, 4)):
+            raise TypeError("typed JSON: numpy.dtype state without fields/names expected")
+        dt.__setstate__(state)
+    return dt
+
+
+def _make_ndarray(args, state, app):
+    import numpy
+
+    if args or not isinstance(state, tuple) or len(state) != 5:
+        raise TypeError("typed JSON: numpy.ndarray needs (version, shape, dtype, fortran, data)")
+    version, shape, dtype, fortran, data = state
+    if (not isinstance(shape, tuple) or not all(type(n) is int and n >= 0 for n in shape)
+            or not isinstance(dtype, numpy.dtype) or type(fortran) is not bool
+            or not isinstance(data, (bytes, list))):
+        raise TypeError("typed JSON: numpy.ndarray state has the wrong parts")
+    if isinstance(data, list) != dtype.hasobject:
+        raise TypeError("typed JSON: numpy.ndarray data does not fit its dtype")
+    arr = numpy.ndarray((0,), dtype="b")
+    arr.__setstate__((version, shape, dtype, fortran, data))
+    return arr
+
+
+def _make_numpy_scalar(args, state, app):
+    import numpy
+
+    if len(args) != 2 or not isinstance(args[0], numpy.dtype) or not isinstance(args[1], bytes):
+        raise TypeError("typed JSON: a numpy scalar takes (dtype, bytes)")
+    if args[0].hasobject:
+        raise TypeError("typed JSON: object numpy scalars are not accepted")
+    return numpy.frombuffer(args[1], dtype=args[0], count=1)[0]
+
+
 #: the only classes a ``$object`` may name; the values build them from data (no name lookup)
 OBJECT_CLASSES = {
     "omegaml.mixins.store.passthrough.PassthroughDataset": _make_passthrough,
     "celery.canvas.signature": _make_signature,
     "builtins.range": _make_range,
+    "numpy.ndarray": _make_ndarray,
+    "numpy.dtype": _make_dtype,
+    "numpy.core.multiarray.scalar": _make_numpy_scalar,
 }
 
 _FLOATS = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}

@@ -202,6 +202,8 @@ enum Global {
     /// `builtins.str`: only as `copyreg._reconstructor`'s base for a
     /// `PassthroughDataset` (protocols 0–1).
     Str,
+    /// `numpy.ndarray`: only as `_reconstruct`'s first argument.
+    NdArrayType,
     /// A data class (see [`DataClass`]): never called, only recorded.
     Data(DataClass),
 }
@@ -226,6 +228,8 @@ impl Global {
             Global::Reconstructor => "copyreg._reconstructor",
             Global::Object => "builtins.object",
             Global::Str => "builtins.str",
+            Global::NdArrayType => "numpy.ndarray",
+            Global::Data(DataClass::NdArray) => "numpy.core.multiarray._reconstruct",
             Global::Data(d) => d.path(),
         }
     }
@@ -237,6 +241,7 @@ fn normalize_module(module: &str) -> &str {
     match module {
         "__builtin__" | "exceptions" => "builtins",
         "copy_reg" => "copyreg",
+        "numpy._core.multiarray" => "numpy.core.multiarray",
         other => other,
     }
 }
@@ -274,6 +279,7 @@ fn resolve_global(module: &str, name: &str) -> Result<Node, PickleError> {
         ("builtins", "bytes") => Global::Bytes,
         ("builtins", "object") => Global::Object,
         ("builtins", "str") => Global::Str,
+        ("numpy", "ndarray") => Global::NdArrayType,
         ("collections", "OrderedDict") => Global::OrderedDict,
         ("_codecs", "encode") => Global::CodecsEncode,
         ("copyreg", "_reconstructor") => Global::Reconstructor,
@@ -616,9 +622,9 @@ impl<'a> Machine<'a> {
             | Node::Dict(_)
             | Node::Set(_)
             | Node::PendingUuid
-            // A Signature is a dict subclass.
+            // A Signature is a dict subclass; arrays are unhashable too.
             | Node::Object {
-                class: DataClass::CelerySignature,
+                class: DataClass::CelerySignature | DataClass::NdArray,
                 ..
             } => {
                 Err(self.malformed(format!("unhashable type: '{}'", self.node(id)?.kind())))
@@ -909,6 +915,9 @@ impl<'a> Machine<'a> {
                     let node = match g {
                         Global::Data(DataClass::CelerySignature) => self.signature(&args)?,
                         Global::Data(DataClass::Range) => self.range(&args)?,
+                        Global::Data(DataClass::NdArray) => self.ndarray(&args)?,
+                        Global::Data(DataClass::NumpyDtype) => self.dtype(&args)?,
+                        Global::Data(DataClass::NumpyScalar) => self.numpy_scalar(&args)?,
                         _ => self.call(g, &args)?,
                     };
                     self.push(node)?;
@@ -1373,9 +1382,17 @@ impl<'a> Machine<'a> {
                 g,
                 "only accepted via NEWOBJ/NEWOBJ_EX or copyreg._reconstructor",
             )),
-            Global::Data(DataClass::CelerySignature | DataClass::Range) => {
-                Err(self.bad_call(g, "only accepted via REDUCE"))
-            }
+            Global::Data(
+                DataClass::CelerySignature
+                | DataClass::Range
+                | DataClass::NdArray
+                | DataClass::NumpyDtype
+                | DataClass::NumpyScalar,
+            ) => Err(self.bad_call(g, "only accepted via REDUCE")),
+            Global::NdArrayType => Err(self.bad_call(
+                g,
+                "only accepted as numpy.core.multiarray._reconstruct's first argument",
+            )),
         }
     }
 
@@ -1421,6 +1438,79 @@ impl<'a> Machine<'a> {
         }
         Ok(Node::Object {
             class: DataClass::Range,
+            args: args.to_vec(),
+            state: None,
+        })
+    }
+
+    /// `numpy.core.multiarray._reconstruct(ndarray, (0,), b'b')`, as
+    /// `ndarray.__reduce__` writes it: an empty array awaiting its `BUILD`.
+    fn ndarray(&self, args: &[usize]) -> Result<Node, PickleError> {
+        let g = Global::Data(DataClass::NdArray);
+        let ok = match args {
+            [cls, shape, _tag] => {
+                matches!(self.node(*cls)?, Node::Global(Global::NdArrayType))
+                    && matches!(self.node(*shape)?, Node::Tuple(t) if t.len() == 1)
+            }
+            _ => false,
+        };
+        if !ok {
+            return Err(self.bad_call(
+                g,
+                format!(
+                    "expects (numpy.ndarray, (0,), b'b'), got ({})",
+                    self.shape(args)
+                ),
+            ));
+        }
+        Ok(Node::Object {
+            class: DataClass::NdArray,
+            args: Vec::new(),
+            state: None,
+        })
+    }
+
+    /// `numpy.dtype(name, align, copy)`; its state comes with `BUILD`.
+    fn dtype(&self, args: &[usize]) -> Result<Node, PickleError> {
+        let ok = matches!(args, [n, a, c]
+            if matches!(self.leaf(*n), Some(Value::Str(_)))
+                && matches!(self.leaf(*a), Some(Value::Bool(_)))
+                && matches!(self.leaf(*c), Some(Value::Bool(_))));
+        if !ok {
+            return Err(self.bad_call(
+                Global::Data(DataClass::NumpyDtype),
+                format!("expects (name, align, copy), got ({})", self.shape(args)),
+            ));
+        }
+        Ok(Node::Object {
+            class: DataClass::NumpyDtype,
+            args: args.to_vec(),
+            state: None,
+        })
+    }
+
+    /// `numpy.core.multiarray.scalar(dtype, raw)`: a numpy scalar.
+    fn numpy_scalar(&self, args: &[usize]) -> Result<Node, PickleError> {
+        let ok = match args {
+            [d, raw] => {
+                matches!(
+                    self.node(*d)?,
+                    Node::Object {
+                        class: DataClass::NumpyDtype,
+                        ..
+                    }
+                ) && matches!(self.leaf(*raw), Some(Value::Bytes(_)))
+            }
+            _ => false,
+        };
+        if !ok {
+            return Err(self.bad_call(
+                Global::Data(DataClass::NumpyScalar),
+                format!("expects (dtype, bytes), got ({})", self.shape(args)),
+            ));
+        }
+        Ok(Node::Object {
+            class: DataClass::NumpyScalar,
             args: args.to_vec(),
             state: None,
         })
@@ -1514,8 +1604,10 @@ impl<'a> Machine<'a> {
         }
     }
 
-    /// `BUILD`: a UUID awaiting its `{'int': n}` state, or a
-    /// `PassthroughDataset` taking its (one) `dict` state.
+    /// `BUILD`: a UUID awaiting its `{'int': n}` state, a
+    /// `PassthroughDataset` taking its (one) `dict` state, or a numpy array or
+    /// dtype taking its (one) `tuple` state (checked whole once decoded, see
+    /// [`DataClass::check`]).
     fn build(&mut self, target: usize, state: usize) -> Result<(), PickleError> {
         if let Node::Object {
             class,
@@ -1525,15 +1617,22 @@ impl<'a> Machine<'a> {
         {
             let class = *class;
             let g = Global::Data(class);
-            if class != DataClass::PassthroughDataset {
-                return Err(self.bad_call(g, "BUILD is not accepted for this class"));
-            }
+            let wanted = match class {
+                DataClass::PassthroughDataset => "dict",
+                DataClass::NdArray | DataClass::NumpyDtype => "tuple",
+                _ => return Err(self.bad_call(g, "BUILD is not accepted for this class")),
+            };
             if current.is_some() {
                 return Err(self.bad_call(g, "BUILD applied twice"));
             }
-            if !matches!(self.node(state)?, Node::Dict(_)) {
+            let fits = match self.node(state)? {
+                Node::Dict(_) => wanted == "dict",
+                Node::Tuple(_) => wanted == "tuple",
+                _ => false,
+            };
+            if !fits {
                 let kind = self.node(state)?.kind();
-                return Err(self.bad_call(g, format!("BUILD state must be a dict, not {kind}")));
+                return Err(self.bad_call(g, format!("BUILD state must be a {wanted}, not {kind}")));
             }
             if let Node::Object { state: slot, .. } = self.node_mut(target)? {
                 *slot = Some(state);
@@ -1657,7 +1756,14 @@ impl<'a> Machine<'a> {
                     Some(s) => self.materialize(*s, depth + 1, budget, visiting)?,
                     None => Value::None,
                 };
-                Value::Object(Box::new(DataObject::new(*class, args, state)))
+                let obj = DataObject::new(*class, args, state);
+                // The whole shape, now that BUILD has run (an array without
+                // its state, a state of the wrong parts).
+                obj.data_class().map_err(|e| PickleError::Malformed {
+                    at: 0,
+                    reason: e.to_string(),
+                })?;
+                Value::Object(Box::new(obj))
             }
             Node::Leaf(v) => v.clone(),
         };
@@ -2322,11 +2428,12 @@ fn encode_into(v: &Value, out: &mut Vec<u8>) {
 /// is written as its plain view ([`DataObject::plain`]), so the encoder never
 /// names a global outside the data-class list.
 fn encode_object(o: &DataObject, out: &mut Vec<u8>) {
-    let (Ok(class), Some(arg)) = (o.data_class(), o.args.first()) else {
+    let Ok(class) = o.data_class() else {
         encode_into(&o.plain(), out);
         return;
     };
     let (module, name) = class.module_and_name();
+    let arg = o.args.first().unwrap_or(&Value::None);
     match class {
         DataClass::CelerySignature => {
             put_global(out, module, name);
@@ -2334,13 +2441,24 @@ fn encode_object(o: &DataObject, out: &mut Vec<u8>) {
             out.push(TUPLE1);
             out.push(REDUCE);
         }
-        DataClass::Range => {
+        DataClass::Range | DataClass::NumpyDtype | DataClass::NumpyScalar => {
             put_global(out, module, name);
-            for a in &o.args {
-                encode_into(a, out);
+            encode_into(&Value::Tuple(o.args.clone()), out);
+            out.push(REDUCE);
+            if !o.state.is_none() {
+                encode_into(&o.state, out);
+                out.push(BUILD);
             }
+        }
+        DataClass::NdArray => {
+            put_global(out, module, name);
+            put_global(out, "numpy", "ndarray");
+            encode_into(&Value::Tuple(vec![Value::Int(0)]), out);
+            encode_into(&Value::Bytes(b"b".to_vec()), out);
             out.push(TUPLE3);
             out.push(REDUCE);
+            encode_into(&o.state, out);
+            out.push(BUILD);
         }
         DataClass::PassthroughDataset => {
             put_global(out, "copyreg", "_reconstructor");
@@ -2478,6 +2596,95 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    /// numpy arrays and scalars as numpy pickles them (protocols 2 and 4,
+    /// numpy 2's `numpy._core`), kept as data and written back the same way.
+    #[test]
+    fn numpy_arrays_and_scalars_are_data() {
+        let f2: &[u8] = b"\x80\x02cnumpy._core.multiarray\x0a_reconstruct\x0aq\x00cnumpy\x0andarray\x0aq\x01K\x00\x85q\x02c_codecs\x0aencode\x0aq\x03X\x01\x00\x00\x00bq\x04X\x06\x00\x00\x00latin1q\x05\x86q\x06Rq\x07\x87q\x08Rq\x09(K\x01K\x02K\x02\x86q\x0acnumpy\x0adtype\x0aq\x0bX\x02\x00\x00\x00f8q\x0c\x89\x88\x87q\x0dRq\x0e(K\x03X\x01\x00\x00\x00<q\x0fNNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tq\x10b\x89h\x03X!\x00\x00\x00\x00\x00\x00\x00\x00\x00\xc3\xb8?\x00\x00\x00\x00\x00\x00\x00@\x00\x00\x00\x00\x00\x00\x08@\x00\x00\x00\x00\x00\x00\x10@q\x11h\x05\x86q\x12Rq\x13tq\x14b.";
+        let i4: &[u8] = b"\x80\x04\x95\xa1\x00\x00\x00\x00\x00\x00\x00\x8c\x16numpy._core.multiarray\x94\x8c\x0c_reconstruct\x94\x93\x94\x8c\x05numpy\x94\x8c\x07ndarray\x94\x93\x94K\x00\x85\x94C\x01b\x94\x87\x94R\x94(K\x01K\x03\x85\x94h\x03\x8c\x05dtype\x94\x93\x94\x8c\x02i8\x94\x89\x88\x87\x94R\x94(K\x03\x8c\x01<\x94NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t\x94b\x89C\x18\x01\x00\x00\x00\x00\x00\x00\x00\x02\x00\x00\x00\x00\x00\x00\x00\x03\x00\x00\x00\x00\x00\x00\x00\x94t\x94b.";
+        let o2: &[u8] = b"\x80\x02cnumpy._core.multiarray\x0a_reconstruct\x0aq\x00cnumpy\x0andarray\x0aq\x01K\x00\x85q\x02c_codecs\x0aencode\x0aq\x03X\x01\x00\x00\x00bq\x04X\x06\x00\x00\x00latin1q\x05\x86q\x06Rq\x07\x87q\x08Rq\x09(K\x01K\x02\x85q\x0acnumpy\x0adtype\x0aq\x0bX\x02\x00\x00\x00O8q\x0c\x89\x88\x87q\x0dRq\x0e(K\x03X\x01\x00\x00\x00|q\x0fNNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK?tq\x10b\x89]q\x11(K\x01X\x01\x00\x00\x00aq\x12etq\x13b.";
+        let s2: &[u8] = b"\x80\x02cnumpy._core.multiarray\x0ascalar\x0aq\x00cnumpy\x0adtype\x0aq\x01X\x02\x00\x00\x00f8q\x02\x89\x88\x87q\x03Rq\x04(K\x03X\x01\x00\x00\x00<q\x05NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tq\x06bc_codecs\x0aencode\x0aq\x07X\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00\x04@q\x08X\x06\x00\x00\x00latin1q\x09\x86q\x0aRq\x0b\x86q\x0cRq\x0d.";
+        let dtype = |name: &str, order: &str, flags: i64| {
+            Value::Object(Box::new(DataObject::new(
+                DataClass::NumpyDtype,
+                vec![Value::from(name), Value::Bool(false), Value::Bool(true)],
+                Value::Tuple(vec![
+                    Value::Int(3),
+                    Value::from(order),
+                    Value::None,
+                    Value::None,
+                    Value::None,
+                    Value::Int(-1),
+                    Value::Int(-1),
+                    Value::Int(flags),
+                ]),
+            )))
+        };
+        let array = |shape: Vec<i64>, dt: Value, data: Value| {
+            Value::Object(Box::new(DataObject::new(
+                DataClass::NdArray,
+                vec![],
+                Value::Tuple(vec![
+                    Value::Int(1),
+                    Value::Tuple(shape.into_iter().map(Value::Int).collect()),
+                    dt,
+                    Value::Bool(false),
+                    data,
+                ]),
+            )))
+        };
+        let floats: Vec<u8> = [1.5f64, 2.0, 3.0, 4.0]
+            .iter()
+            .flat_map(|f| f.to_le_bytes())
+            .collect();
+        let ints: Vec<u8> = [1i64, 2, 3].iter().flat_map(|i| i.to_le_bytes()).collect();
+        let cases = [
+            (
+                f2,
+                array(vec![2, 2], dtype("f8", "<", 0), Value::Bytes(floats)),
+            ),
+            (i4, array(vec![3], dtype("i8", "<", 0), Value::Bytes(ints))),
+            (
+                o2,
+                array(
+                    vec![2],
+                    dtype("O8", "|", 63),
+                    Value::List(vec![Value::Int(1), Value::from("a")]),
+                ),
+            ),
+            (
+                s2,
+                Value::Object(Box::new(DataObject::new(
+                    DataClass::NumpyScalar,
+                    vec![
+                        dtype("f8", "<", 0),
+                        Value::Bytes(2.5f64.to_le_bytes().to_vec()),
+                    ],
+                    Value::None,
+                ))),
+            ),
+        ];
+        for (bytes, expected) in cases {
+            let got = decode(bytes).expect("numpy decodes");
+            assert_eq!(got, expected);
+            assert_eq!(decode(&encode(&got)).expect("round trip"), expected);
+        }
+        // An array without its state, or an ndarray global used on its own, is refused.
+        assert!(decode(
+            b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85C\x01b\x87R."
+        )
+        .is_err());
+        assert!(matches!(
+            decode(b"\x80\x02cnumpy\nndarray\n)R."),
+            Err(PickleError::BadCall { .. })
+        ));
+        // Anything else of numpy's stays forbidden.
+        assert!(matches!(
+            decode(b"\x80\x02cnumpy\nload\n."),
+            Err(PickleError::ForbiddenGlobal { .. })
+        ));
     }
 
     #[test]

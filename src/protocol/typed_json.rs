@@ -284,7 +284,9 @@ fn items_at(
 fn check_hashable(v: &Value, tag: &'static str, path: &str) -> Result<(), TypedJsonError> {
     let unhashable = match v {
         Value::List(_) | Value::Dict(_) | Value::Set(_) => true,
-        Value::Object(o) => o.class == DataClass::CelerySignature.path(),
+        Value::Object(o) => {
+            o.class == DataClass::CelerySignature.path() || o.class == DataClass::NdArray.path()
+        }
         _ => false,
     };
     if unhashable {

@@ -89,14 +89,28 @@ pub enum DataClass {
     /// step)`, three ints, as `range.__reduce__` writes it; e.g. a
     /// gridsearch's `parameters={'n_neighbors': range(1, 8)}`.
     Range,
+    /// `numpy.ndarray`, as numpy pickles it: `numpy.core.multiarray.
+    /// _reconstruct(ndarray, (0,), b'b')` then `BUILD` with `(version,
+    /// shape, dtype, is_fortran, raw)`, `raw` the bytes of the data (or a
+    /// list of the items for an object array). Task results passed on as
+    /// task arguments (a chord's reduce step gets the map steps' arrays).
+    NdArray,
+    /// `numpy.dtype(name, align, copy)` with its `BUILD` state tuple.
+    NumpyDtype,
+    /// A numpy scalar (`numpy.float64(2.5)`): `numpy.core.multiarray.
+    /// scalar(dtype, raw bytes)`.
+    NumpyScalar,
 }
 
 impl DataClass {
     /// Every data class.
-    pub const ALL: [DataClass; 3] = [
+    pub const ALL: [DataClass; 6] = [
         DataClass::PassthroughDataset,
         DataClass::CelerySignature,
         DataClass::Range,
+        DataClass::NdArray,
+        DataClass::NumpyDtype,
+        DataClass::NumpyScalar,
     ];
 
     /// The full dotted `module.QualName`, as [`DataObject::class`] holds it.
@@ -105,10 +119,15 @@ impl DataClass {
             DataClass::PassthroughDataset => "omegaml.mixins.store.passthrough.PassthroughDataset",
             DataClass::CelerySignature => "celery.canvas.signature",
             DataClass::Range => "builtins.range",
+            DataClass::NdArray => "numpy.ndarray",
+            DataClass::NumpyDtype => "numpy.dtype",
+            DataClass::NumpyScalar => "numpy.core.multiarray.scalar",
         }
     }
 
-    /// The module and qualified name, as a pickle `GLOBAL` names them.
+    /// The module and qualified name, as a pickle `GLOBAL` names them (for an
+    /// array: the function that rebuilds it; numpy 2's `numpy._core` is read
+    /// as `numpy.core`, which both numpy 1 and 2 load).
     pub fn module_and_name(self) -> (&'static str, &'static str) {
         match self {
             DataClass::PassthroughDataset => {
@@ -116,6 +135,9 @@ impl DataClass {
             }
             DataClass::CelerySignature => ("celery.canvas", "signature"),
             DataClass::Range => ("builtins", "range"),
+            DataClass::NdArray => ("numpy.core.multiarray", "_reconstruct"),
+            DataClass::NumpyDtype => ("numpy", "dtype"),
+            DataClass::NumpyScalar => ("numpy.core.multiarray", "scalar"),
         }
     }
 
@@ -137,6 +159,9 @@ impl DataClass {
             DataClass::PassthroughDataset => "PassthroughDataset",
             DataClass::CelerySignature => "Signature",
             DataClass::Range => "range",
+            DataClass::NdArray => "ndarray",
+            DataClass::NumpyDtype => "dtype",
+            DataClass::NumpyScalar => "numpy scalar",
         }
     }
 
@@ -170,6 +195,41 @@ impl DataClass {
             DataClass::Range => {
                 if !matches!(args, [Value::Int(_), Value::Int(_), Value::Int(step)] if *step != 0) {
                     return Err(bad("expects three int arguments (start, stop, step != 0)"));
+                }
+                if !state.is_none() {
+                    return Err(bad("takes no state"));
+                }
+            }
+            DataClass::NdArray => {
+                if !args.is_empty() {
+                    return Err(bad("takes no arguments (they are fixed)"));
+                }
+                let Value::Tuple(s) = state else {
+                    return Err(bad("state must be (version, shape, dtype, fortran, data)"));
+                };
+                let ok = matches!(
+                    s.as_slice(),
+                    [Value::Int(_), Value::Tuple(shape), Value::Object(dtype), Value::Bool(_), Value::Bytes(_) | Value::List(_)]
+                        if shape.iter().all(|d| matches!(d, Value::Int(n) if *n >= 0))
+                            && dtype.data_class() == Ok(DataClass::NumpyDtype)
+                );
+                if !ok {
+                    return Err(bad("state must be (version, shape, dtype, fortran, data)"));
+                }
+            }
+            DataClass::NumpyDtype => {
+                if !matches!(args, [Value::Str(_), Value::Bool(_), Value::Bool(_)]) {
+                    return Err(bad("expects (name, align, copy)"));
+                }
+                if !matches!(state, Value::None | Value::Tuple(_)) {
+                    return Err(bad("state must be a tuple or None"));
+                }
+            }
+            DataClass::NumpyScalar => {
+                let ok = matches!(args, [Value::Object(dtype), Value::Bytes(_)]
+                    if dtype.data_class() == Ok(DataClass::NumpyDtype));
+                if !ok {
+                    return Err(bad("expects (dtype, bytes)"));
                 }
                 if !state.is_none() {
                     return Err(bad("takes no state"));

@@ -1,5 +1,6 @@
 """Celery canvas and task semantics through om-worker, with the unchanged omega|ml 0.18.0 client on
 RabbitMQ and Redis: `om.runtime.sequence()` (a chain), `om.runtime.parallel()` (a group),
+`om.runtime.mapreduce()` (a chord, on the redis:// result backend; Celery's rpc:// cannot do chords),
 `link`/`link_error` callbacks, `self.retry()` (republished with `retries` + 1 and its countdown, then
 a success, or the task's own exception once `max_retries` is exceeded) and `Reject`/`Ignore`.
 
@@ -95,17 +96,21 @@ def run_client(mongo, broker_url, label, tmp_path, backend, chords):
     return json.loads(lines[-1][len("@@RESULT "):])
 
 
-def test_sequence_and_parallel(broker, worker, names, mongo, tmp_path):
-    """omega|ml's canvas helpers on the redis:// result backend. (mapreduce is not here yet: its
-    reduce step receives the map results as numpy arrays, which om-worker's decoder refuses.)"""
+def test_sequence_parallel_mapreduce(broker, worker, names, mongo, tmp_path):
+    """omega|ml's canvas helpers on the redis:// result backend (chords need one that counts). The
+    reduce step gets the map steps' numpy arrays, decoded by om-worker as data and rebuilt in the
+    task child."""
     label = names.queue("omwcanvas")
     w = start_worker(worker, broker.url, label, tmp_path, REDIS_BACKEND_URL)
-    out = run_client(mongo, broker.url, label, tmp_path, REDIS_BACKEND_URL, chords=False)
+    out = run_client(mongo, broker.url, label, tmp_path, REDIS_BACKEND_URL, chords=True)
     assert out["sequence"] == pytest.approx(out["y"]), "ping -> fit -> predict, the last result"
     assert out["parallel"][0] == pytest.approx(out["y"])
     assert out["parallel"][1] == pytest.approx([201.0])
+    assert out["mapreduce"][0] == pytest.approx([y * 5 for y in out["y"]]), "the reduce ran on the map results"
+    assert out["mapreduce"][1] == pytest.approx([1005.0])
     log = w.log()
     assert "running omega|ml's Python task instead" in log, "the chain's first task (ping) ran in Python"
+    assert "omegaml.tasks.omega_reduce" in log
 
 
 def test_sequence_and_parallel_on_rpc(worker, names, mongo, tmp_path):
