@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/client.py SCENARIO '<json args>'
 
-Scenarios (SCENARIO = latency | drain | map):
+Scenarios (SCENARIO = latency | drain | map | model):
   latency  R task notebooks created untimed with omega|ml's generator (JobTasks._generate_jobs, what
            job.map() runs first); then R times: idle gap, publish one run_omegaml_job the way
            restart()/job.run() does (om.runtime.require(label).job(task).run()), wait for SUCCESS.
@@ -10,6 +10,11 @@ Scenarios (SCENARIO = latency | drain | map):
            (same call), timed from the first publish to the last SUCCESS seen by this client.
   map      job.map(range(N), require=label) timed as a whole: time inside map() and makespan
            (map() call -> last SUCCESS seen by this client).
+  model    args['op'] = predict | fit: a LinearRegression and its datasets put untimed (X: `rows`
+           rows, 2 columns); one untimed warm-up call, then N times: idle gap, then
+           om.runtime.require(label).model(name).predict(Xname).get() (or .fit(Xname, Yname).get()),
+           timed from the call to the value returned by .get(); the predictions are checked
+           against a local predict.
 
 SUCCESS is observed through Celery's own result machinery (ResultSet.join_native with the
 configured backend, rpc:// by default): the time a task's final state message reaches this client.
@@ -58,6 +63,8 @@ def run(scenario, args, out):
     nbname = label
     ds = f"{label}-results"
     app = om.runtime.celeryapp
+    if scenario == "model":
+        return run_model(om, app, args, out)
     out["client"] = {"broker": _mask(app.conf.broker_url), "backend": app.conf.result_backend,
                      "reply_queue": getattr(app.backend, "oid", None), "pid": os.getpid()}
 
@@ -200,8 +207,72 @@ def run(scenario, args, out):
             "cpu": cpu_delta(c0, c1),
         })
         out["verified_ok"] = verify(tasks)
+    elif scenario == "model":
+        pass  # run_model() below, before the notebook setup
     else:
         raise ValueError(f"unknown scenario {scenario!r}")
+
+
+def run_model(om, app, args, out):
+    """The `model` scenario: idle latency of om.runtime.model(...).predict / .fit, call -> .get()."""
+    import numpy as np
+    import pandas as pd
+    from sklearn.linear_model import LinearRegression
+
+    label, op, n = args["label"], args.get("op", "predict"), int(args["n"])
+    rows, gap, timeout = int(args.get("rows", 100)), float(args.get("gap", 1.0)), float(args.get("timeout", 300))
+    out["client"] = {"broker": _mask(app.conf.broker_url), "backend": app.conf.result_backend,
+                     "reply_queue": getattr(app.backend, "oid", None), "pid": os.getpid()}
+    X = pd.DataFrame({"x1": np.arange(float(rows)), "x2": np.arange(float(rows)) % 7})
+    Y = pd.DataFrame({"y": 2 * X["x1"] - X["x2"] + 1})
+    xname, yname, mname = f"{label}-X", f"{label}-Y", f"{label}-m"
+    om.datasets.put(X, xname, append=False)
+    om.datasets.put(Y, yname, append=False)
+    om.models.put(LinearRegression().fit(X, Y), mname)
+    expected = LinearRegression().fit(X, Y).predict(X).ravel()
+    with app.producer_or_acquire() as producer:
+        producer.connection.ensure_connection(max_retries=3)
+
+    def call():
+        mdl = om.runtime.require(label).model(mname)
+        return mdl.predict(xname) if op == "predict" else mdl.fit(xname, yname)
+
+    def check(value):
+        if op == "predict":
+            return bool(np.allclose(np.asarray(value, dtype=float).ravel(), expected))
+        return isinstance(value, str) and value.startswith("<Metadata")
+
+    if args.get("ready_file"):
+        Path(args["ready_file"]).write_text("ready")
+        deadline = time.monotonic() + float(args.get("go_timeout", 600))
+        while not os.path.exists(args["go_file"]):
+            if time.monotonic() > deadline:
+                raise RuntimeError("no go signal from bench/run.py")
+            time.sleep(0.05)
+
+    warm = call()  # untimed: the first call also pays the client's own first-use setup
+    if not check(warm.get(timeout=timeout)):
+        raise RuntimeError(f"warm-up {op} returned a wrong value")
+    runs = []
+    for _ in range(n):
+        time.sleep(gap)
+        t0 = time.perf_counter()
+        res = call()
+        t_pub = time.perf_counter()
+        try:
+            value = res.get(timeout=timeout)
+            st = "SUCCESS" if check(value) else "WRONG"
+        except Exception as e:  # noqa: BLE001 - reported, not raised
+            st = f"{type(e).__name__}: {str(e)[:200]}"
+        t_done = time.perf_counter()
+        runs.append({"task_id": res.id, "status": st, "publish_s": round(t_pub - t0, 4),
+                     "latency_s": round(t_done - t0, 4)})
+        if st != "SUCCESS":
+            out.setdefault("errors", []).append(f"{op}: {st}")
+            break
+    out["runs"] = runs
+    out["n"] = n
+    out["verified_ok"] = sum(r["status"] == "SUCCESS" for r in runs)
 
 
 def _mask(url):

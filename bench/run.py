@@ -12,6 +12,10 @@ label `bench-<uuid8>`, against one SecantusDB started fresh for this run:
             published in one burst; first publish -> last SUCCESS seen by the client
   map10/50  job.map(range(N)): time inside map() and makespan (map() call -> last SUCCESS)
   scale     (om-worker only) 1, 2, 3 om-worker processes (distinct -n) on one queue, drain N
+  predict   om.runtime.require(label).model(m).predict(X).get() on an idle, ready worker: call -> value
+  fit       the same with .fit(X, Y).get(); both run on om-worker, on the Python worker at omega|ml's
+            defaults and on the Python worker with `--max-tasks-per-child 1` ("python mtpc1", what
+            omega|ml's docker images run), one after the other per broker
 
 The client is the unchanged omega|ml client in its own process (bench/client.py). RSS of each worker
 process and of its whole process tree is sampled from /proc; om-worker's JSON log lines
@@ -33,12 +37,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import BenchError, log  # noqa: E402
 
-IMPL_NAME = {"py": "python", "rs": "om-worker"}
+IMPL_NAME = {"py": "python", "py1": "python mtpc1", "rs": "om-worker"}
+# the Python worker variant "py1": omega|ml's docker default (one task per pool child)
+PY1_ARGS = ["--max-tasks-per-child", "1"]
+MODEL_SCENARIOS = ("predict", "fit")
 GOALS = {
     "drain_throughput_ratio": 20.0,   # om-worker / python, >=
     "latency_ratio": 20.0,            # python / om-worker (median), >=
     "map50_makespan_over_map": 1.25,  # om-worker, <=
     "rs_worker_rss_mb": 25.0,         # om-worker's own process, <=
+    "predict_latency_s": 0.060,       # om-worker, idle predict call -> value (median), <=
+    "predict_ratio_py1": 30.0,        # python mtpc1 / om-worker (median), >=
 }
 
 
@@ -158,15 +167,16 @@ def run_scenario(ctx, broker, impl, scenario, n, nworkers=1, extra=None):
     workers, sampler, client = [], None, None
     t_scen = time.monotonic()
     try:
-        rate = 0.2 if impl == "py" else 1.0
+        rate = 1.0 if impl == "rs" else 0.2
         timeout = a.task_timeout or (60 + n / rate)
         cargs = {"label": label, "n": n, "timeout": timeout, "secantus_pid": ctx.mongo.pid,
                  "out": str(ctx.run_dir / f"client-{label}.json"),
                  "ready_file": str(ctx.run_dir / f"client-{label}.ready"),
                  "go_file": str(ctx.run_dir / f"client-{label}.go"), **(extra or {})}
         for k in range(nworkers):
-            workers.append(common.Worker(impl, common.BROKERS[broker], ctx.mongo.url, label, ctx.run_dir,
-                                         f"{impl}-{scenario}-{label[6:]}-{k}", concurrency=conc))
+            workers.append(common.Worker("py" if impl == "py1" else impl, common.BROKERS[broker], ctx.mongo.url,
+                                         label, ctx.run_dir, f"{impl}-{scenario}-{label[6:]}-{k}",
+                                         concurrency=conc, extra_args=PY1_ARGS if impl == "py1" else ()))
         cargs["worker_pids"] = [w.pid for w in workers]
         # the client: the unchanged omega|ml client in its own process; it imports omegaml and does its
         # untimed setup while the worker starts, then waits for the go file
@@ -175,6 +185,8 @@ def run_scenario(ctx, broker, impl, scenario, n, nworkers=1, extra=None):
             "OMEGA_RESULT_BACKEND": "rpc://", "OMEGA_CONFIG_FILE": str(ctx.run_dir / "no-such-config.yml"),
             "OMEGA_TMP": str(ctx.run_dir)})
         kind = "map" if scenario.startswith("map") else ("drain" if scenario in ("drain", "scale") else scenario)
+        if scenario in MODEL_SCENARIOS:
+            kind = "model"
         clog = ctx.run_dir / f"client-{label}.log"
         lf = open(clog, "wb")
         client = subprocess.Popen([str(common.VENV_PY), str(Path(__file__).parent / "client.py"), kind,
@@ -294,7 +306,7 @@ def run_scenario_retry(ctx, broker, impl, scenario, n, nworkers=1, extra=None):
 def summarize(res):
     c = res.get("client") or {}
     s = {}
-    if res["scenario"] == "latency":
+    if res["scenario"] in ("latency",) + MODEL_SCENARIOS:
         lats = [r["latency_s"] for r in c.get("runs", []) if r.get("status") == "SUCCESS"]
         s.update(n_ok=len(lats), latency_median_s=rnd(med(lats)), latency_p90_s=rnd(pct(lats, 0.9)),
                  latency_min_s=rnd(min(lats)) if lats else None, latencies_s=lats)
@@ -400,6 +412,31 @@ def ratios(results, brokers):
              "om_worker": rs_rss, "value": rs_rss, "goal": "≤ 25 MB",
              "verdict": verdict(rs_rss, GOALS["rs_worker_rss_mb"], le=True)},
         ]
+        out += model_ratios(results, b)
+    # a metric whose scenarios were not run at all (e.g. --scenarios predict,fit) is left out
+    return [q for q in out if q["python"] is not None or q["om_worker"] is not None]
+
+
+def model_ratios(results, b):
+    """om.runtime.model(...).predict/.fit, idle latency medians: python / om-worker and
+    python mtpc1 / om-worker; goals for predict only (≤ 60 ms, ≥ 30× vs mtpc1)."""
+    out = []
+    g = lambda r: (r or {}).get("summary", {}).get("latency_median_s")  # noqa: E731
+    for op in MODEL_SCENARIOS:
+        rs = g(find(results, b, "rs", op))
+        if rs is None and not any(r["broker"] == b and r["scenario"] == op for r in results):
+            continue
+        for impl in ("py", "py1"):
+            py = g(find(results, b, impl, op))
+            ratio = py / rs if py and rs else None
+            goal = "≥ 30×" if (op == "predict" and impl == "py1") else "–"
+            out.append({"broker": b, "metric": f"idle {op} latency (median), {IMPL_NAME[impl]} / om-worker",
+                        "python": py, "om_worker": rs, "value": rnd(ratio, 2), "goal": goal,
+                        "verdict": verdict(ratio, GOALS["predict_ratio_py1"]) if goal != "–" else "info"})
+        if op == "predict":
+            out.append({"broker": b, "metric": "idle predict latency (median, s), om-worker", "python": None,
+                        "om_worker": rs, "value": rs, "goal": "≤ 0.060 s",
+                        "verdict": verdict(rs, GOALS["predict_latency_s"], le=True)})
     return out
 
 
@@ -429,9 +466,12 @@ def markdown(report):
              f"-n <name> --python .venv/bin/python --log-format json` "
              f"{'-c ' + str(a['rs_concurrency']) if a['rs_concurrency'] else '(default concurrency 4)'}, fork server "
              f"and kernel pool on (defaults). Each scenario starts a fresh worker on a fresh queue `bench-<uuid8>` and "
-             f"waits until it is ready and its pool is filled; result backend `rpc://` (omega|ml's default). Task = the seed "
-             f"notebook (reads `_jobdata['param']`, `om.datasets.put` into a pre-created per-run dataset) as generated by "
-             f"omega|ml's `JobTasks._generate_jobs` (init/done cells with `_mark_status`).")
+             f"waits until it is ready and its pool is filled; result backend `rpc://` (omega|ml's default)."
+             + (" Task = the seed notebook (reads `_jobdata['param']`, `om.datasets.put` into a pre-created per-run "
+                "dataset) as generated by omega|ml's `JobTasks._generate_jobs` (init/done cells with `_mark_status`)."
+                if any(r["scenario"] not in MODEL_SCENARIOS for r in res) else "")
+             + (" python mtpc1 = the same Python worker with `--max-tasks-per-child 1`."
+                if any(r["impl"] == "py1" for r in res) else ""))
     L.append("")
     L.append("### Results per broker × scenario × worker")
     L.append("")
@@ -457,6 +497,26 @@ def markdown(report):
              "(kernels, fork server, prefork children; CoW-shared pages counted per process), PSS counts shared pages once. "
              "CPU per task over the timed window (drain/map only): worker tree includes reaped kernels.")
     L.append("")
+    model = [r for r in res if r["scenario"] in MODEL_SCENARIOS]
+    if model:
+        L.append("### Model tasks: `om.runtime.model(m).predict(X).get()` / `.fit(X, Y).get()` on an idle worker")
+        L.append("")
+        L.append("| broker | task | worker | runs | ok | latency median / p90 / min (s) | all runs (s) | peak RSS tree (MB) |")
+        L.append("|---|---|---|---|---|---|---|---|")
+        for r in model:
+            s = r.get("summary", {})
+            L.append(f"| {r['broker']} | {r['scenario']} | {IMPL_NAME[r['impl']]} | {r['n']} | {fmt(s.get('n_ok'))} "
+                     f"| {fmt(s.get('latency_median_s'), nd=3)} / {fmt(s.get('latency_p90_s'), nd=3)} / "
+                     f"{fmt(s.get('latency_min_s'), nd=3)} | {', '.join(f'{x:.3f}' for x in s.get('latencies_s', []))} "
+                     f"| {fmt(r.get('peak_tree_rss_mb'), nd=0)} |")
+        L.append("")
+        L.append(f"Client = the unchanged omega|ml client (bench/client.py `model`): a fitted LinearRegression and "
+                 f"datasets X ({a.get('model_rows')} rows × 2 columns), Y put untimed; one untimed warm-up call, then per "
+                 f"run an idle gap of {a.get('latency_gap')} s and `om.runtime.require(label).model(m).predict(X)` "
+                 f"(`.fit(X, Y)`) timed to the value `.get()` returns (predictions checked against a local predict). "
+                 f"python mtpc1 = the Python worker with `--max-tasks-per-child 1` (omega|ml's docker default: a new "
+                 f"pool child per task). rpc:// result backend.")
+        L.append("")
     L.append("### Goals (om-worker vs python, same run)")
     L.append("")
     L.append("| broker | metric | python | om-worker | ratio / value | goal | |")
@@ -489,7 +549,7 @@ def markdown(report):
     L.append("|---|---|" + "---|" * len(cols))
     for r in res:
         bd = r.get("summary", {}).get("breakdown")
-        if r["impl"] != "rs" or not bd or r["scenario"] not in ("latency", "drain"):
+        if r["impl"] != "rs" or not bd or r["scenario"] not in ("latency", "drain") + MODEL_SCENARIOS:
             continue
         L.append(f"| {r['broker']} | {r['scenario']} | " + " | ".join(fmt(bd.get(c), nd=1) for c in cols) + " |")
     L.append("")
@@ -505,8 +565,9 @@ def markdown(report):
     if probs or missing:
         L.append("")
         L.append("Timing log problems: " + "; ".join(probs + [f"no timing lines in {m}" for m in missing]))
-    L.append("")
-    L.append("Floor, per task during the burst drain (CPU-seconds; 2 cores = 2 CPU-s per wall second):")
+    if any(r["scenario"] == "drain" for r in res):
+        L.append("")
+        L.append("Floor, per task during the burst drain (CPU-seconds; 2 cores = 2 CPU-s per wall second):")
     L.append("")
     for b in brokers:
         for impl in ("py", "rs"):
@@ -541,7 +602,7 @@ def markdown(report):
         L.append(f"- {r['broker']}/{r['scenario']}/{IMPL_NAME[r['impl']]}: {n} WARN/ERROR log lines, e.g. "
                  f"`{(r['worker_log_error_lines'] or [''])[0][:240]}`")
     L.append("")
-    misses = [q for q in report["ratios"] if q["verdict"] != "PASS"]
+    misses = [q for q in report["ratios"] if q["verdict"] not in ("PASS", "info")]
     if misses:
         L.append("### Goals missed in this run")
         L.append("")
@@ -582,7 +643,12 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small N everywhere (development)")
     ap.add_argument("--brokers", default="amqp,redis")
     ap.add_argument("--impls", default="py,rs", help="py,rs (python worker, om-worker)")
-    ap.add_argument("--scenarios", default="latency,drain,map,scale")
+    ap.add_argument("--scenarios", default="latency,drain,map,scale,predict,fit")
+    ap.add_argument("--model-impls", default="py,py1,rs",
+                    help="workers for predict/fit: py (defaults), py1 (--max-tasks-per-child 1), rs")
+    ap.add_argument("--model-runs-py", type=int, default=5)
+    ap.add_argument("--model-runs-rs", type=int, default=10)
+    ap.add_argument("--model-rows", type=int, default=100, help="rows of the predict/fit dataset")
     ap.add_argument("--out-json", default=None, help="default .run/bench/<timestamp>/results.json")
     ap.add_argument("--markdown", default=None, help="write/refresh the results section of this file")
     ap.add_argument("--drain-n", type=int, default=30)
@@ -606,8 +672,10 @@ def main():
     if a.quick:
         a.drain_n, a.map_n, a.latency_runs_py, a.latency_runs_rs = 4, "3,5", 2, 3
         a.scale_n, a.scale_workers = 8, "1,2"
+        a.model_runs_py, a.model_runs_rs = 3, 5
     a.brokers = [b for b in a.brokers.split(",") if b]
     impls = [i for i in a.impls.split(",") if i]
+    model_impls = [i for i in a.model_impls.split(",") if i]
     scenarios = [s for s in a.scenarios.split(",") if s]
     map_ns = [int(x) for x in a.map_n.split(",") if x]
     command = " ".join([".venv/bin/python", "bench/run.py"] + sys.argv[1:])
@@ -617,12 +685,14 @@ def main():
     run_dir.mkdir(parents=True, exist_ok=True)
     out_json = Path(a.out_json) if a.out_json else run_dir / "results.json"
     log(f"run dir {run_dir}")
-    if not a.no_build and "rs" in impls:
+    need_rs = "rs" in impls or ("rs" in model_impls and any(x in scenarios for x in MODEL_SCENARIOS))
+    if not a.no_build and need_rs:
         build()
-    if "rs" in impls and not common.OM_WORKER_BIN.exists():
+    if need_rs and not common.OM_WORKER_BIN.exists():
         raise SystemExit(f"{common.OM_WORKER_BIN} missing")
 
-    report = {"command": command, "args": {**vars(a), "impls": impls, "scenarios": scenarios},
+    report = {"command": command, "args": {**vars(a), "impls": impls, "scenarios": scenarios,
+                                            "model_impls": model_impls},
               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine_info(), "results": []}
     t0 = time.monotonic()
     busy0, tot0 = system_cpu_busy()
@@ -647,6 +717,11 @@ def main():
             if "scale" in scenarios and "rs" in impls:
                 for k in [int(x) for x in a.scale_workers.split(",") if x]:
                     results.append(run_scenario_retry(ctx, b, "rs", "scale", a.scale_n, nworkers=k))
+            for op in [x for x in MODEL_SCENARIOS if x in scenarios]:
+                for impl in model_impls:
+                    n = a.model_runs_rs if impl == "rs" else a.model_runs_py
+                    results.append(run_scenario_retry(ctx, b, impl, op, n, extra={
+                        "op": op, "gap": a.latency_gap, "rows": a.model_rows}))
             _save(report, out_json)
     finally:
         mongo_cpu = mongo.cpu() or 0.0
@@ -668,8 +743,11 @@ def main():
     md = markdown(report)
     print("\n" + md)
     if a.markdown:
+        # a run of only predict/fit refreshes its own section (the side-by-side one stays)
+        tag = "bench/run.py:models" if set(scenarios) <= set(MODEL_SCENARIOS) else "bench/run.py"
         write_markdown(a.markdown, md + f"\n\nRaw numbers: `{os.path.relpath(out_json, common.ROOT)}` "
-                       f"(JSON, every run; not committed) — re-run the command above to regenerate.\n")
+                       f"(JSON, every run; not committed) — re-run the command above to regenerate.\n",
+                       begin=f"<!-- {tag}:begin -->", end=f"<!-- {tag}:end -->")
         log(f"wrote {a.markdown}")
     log(f"JSON: {out_json}")
     return 1 if any(r.get("errors") for r in results) else 0
