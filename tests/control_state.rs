@@ -202,7 +202,7 @@ async fn command_payloads() {
     let ctx = Context {
         broker: Arc::new(NoBroker),
         state: Arc::clone(&st),
-        registered: vec!["omegaml.tasks.omega_ping".into()],
+        registered: Arc::new(|| vec!["omegaml.tasks.omega_ping".into()]),
     };
     let none = Value::dict::<&str>([]);
     let d = |m: &'static str, a: Value| {

@@ -84,6 +84,28 @@ pub async fn run_worker(config: Config) -> anyhow::Result<()> {
     // Listed on the first name om-worker does not run itself, in a child
     // forked from the fork server (tens of milliseconds once it is up).
     let python_tasks = notebook_runtime.python_tasks(&config, &registry.names());
+    // With pre-started kernels the fork server starts now anyway: list the
+    // Python tasks in the background too, so the first one does not wait for
+    // it and `inspect registered` shows them. (Without, the fork server and
+    // the listing wait for the first task that needs them.)
+    if config.kernel_pool > 0 {
+        let warm = Arc::clone(&python_tasks);
+        tokio::spawn(async move { crate::tasks::TaskSource::get(warm.as_ref(), "").await });
+    }
+    let native: Vec<String> = registry.names().iter().map(|n| n.to_string()).collect();
+    let listed = Arc::clone(&python_tasks);
+    let registered: crate::control::commands::Registered = Arc::new(move || {
+        let mut names = native.clone();
+        names.extend(
+            listed
+                .listed()
+                .into_iter()
+                .filter(|n| !n.starts_with("celery.")),
+        );
+        names.sort();
+        names.dedup();
+        names
+    });
     let registry = registry.with_fallback(python_tasks);
     info!("registered tasks: {}", registry.names().join(", "));
     let shutdown = Shutdown::new();
@@ -95,11 +117,10 @@ pub async fn run_worker(config: Config) -> anyhow::Result<()> {
     let state = Arc::new(WorkerState::from_config(&config));
     state.set_task_events(config.task_events);
     state.set_shutdown(shutdown.warm_token());
-    let names = registry.names().iter().map(|n| n.to_string()).collect();
     let events = crate::control::start(
         Arc::clone(&broker),
         Arc::clone(&state),
-        names,
+        registered,
         config.metrics_addr,
         services.token(),
     )

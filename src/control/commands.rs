@@ -21,9 +21,13 @@ pub struct Context {
     pub broker: Arc<dyn Broker>,
     /// The worker's state.
     pub state: Arc<WorkerState>,
-    /// Registered task names (`registered`).
-    pub registered: Vec<String>,
+    /// Registered task names (`registered`), asked each time: the Python
+    /// tasks are listed in the background after start-up.
+    pub registered: Registered,
 }
+
+/// The registered task names, as `celery inspect registered` shows them.
+pub type Registered = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
 
 fn ok(msg: impl Into<String>) -> Json {
     json!({"ok": msg.into()})
@@ -201,7 +205,7 @@ pub async fn dispatch(ctx: &Context, method: &str, args: &Value) -> Option<Json>
         "reserved" => Json::Array(st.infos(|p| matches!(p, Phase::Reserved), false)),
         "scheduled" => Json::Array(st.scheduled()),
         "stats" => stats(st),
-        "registered" => json!(ctx.registered),
+        "registered" => json!((ctx.registered)()),
         "revoke" => {
             let Some(ids) = str_list(arg(args, "task_id")) else {
                 return Some(err("revoke: task_id must be a str or a list of str"));

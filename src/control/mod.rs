@@ -44,7 +44,7 @@ pub enum ControlError {
 pub async fn start(
     broker: Arc<dyn Broker>,
     state: Arc<WorkerState>,
-    registered: Vec<String>,
+    registered: commands::Registered,
     metrics_addr: Option<SocketAddr>,
     stop: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, ControlError> {

@@ -433,6 +433,15 @@ impl PythonCatalog {
         }
     }
 
+    /// The names listed so far (none while the listing runs or failed);
+    /// for `inspect registered`, which must not wait for Python.
+    pub fn listed(&self) -> Vec<String> {
+        match self.listing.try_lock().as_deref() {
+            Ok(Listing::Loaded(tasks)) => tasks.keys().cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// The tasks, listing them first if needed (one listing at a time).
     async fn loaded(&self) -> Option<Arc<HashMap<String, Arc<dyn Task>>>> {
         let mut listing = self.listing.lock().await;
@@ -575,6 +584,11 @@ mod tests {
             runtime(fake, dir.path()),
             registry.names().into_iter().map(str::to_owned),
         ));
+        let catalog_names = Arc::clone(&catalog);
+        assert!(
+            catalog_names.listed().is_empty(),
+            "not listed before first use"
+        );
         let registry = registry.with_fallback(catalog);
         let fit = registry
             .resolve("omegaml.tasks.omega_fit")
@@ -597,6 +611,12 @@ mod tests {
         );
         assert!(registry.resolve("no.such.task").await.is_none());
         assert!(registry.resolve_canvas("no.such.task").await.is_none());
+        let mut listed = catalog_names.listed();
+        listed.sort();
+        assert_eq!(
+            listed,
+            ["omegaml.tasks.omega_fit", "omegaml.tasks.omega_ping"]
+        );
     }
 
     #[tokio::test]

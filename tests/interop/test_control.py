@@ -64,8 +64,11 @@ def om_factory(mongo, names):
 
 def test_celery_cli_inspect_and_status(broker, worker, q, mongo, tmp_path):
     """`celery inspect ping|active_queues|stats|registered` and `celery status` list om-worker."""
-    w = worker(broker.url, [q], concurrency=2)
+    # With pre-started kernels the Python tasks are listed in the background at start-up.
+    w = worker(broker.url, [q], concurrency=2, extra=["--kernel-pool", "1"])
     node = w.nodename
+    wait_until(lambda: "python tasks (one fresh child process per task)" in w.log(), 120,
+               "the Python tasks listed")
     ping, queues, stats, registered, status = celery_cli(
         tmp_path, broker, mongo,
         ("inspect", "ping", "-d", node, "--timeout", "10"),
@@ -82,6 +85,9 @@ def test_celery_cli_inspect_and_status(broker, worker, q, mongo, tmp_path):
     assert rc == 0 and '"max-concurrency": 2' in out and '"processes"' in out and '"uptime"' in out, out
     rc, out = registered
     assert rc == 0 and "omegaml.tasks.omega_ping" in out, out
+    # omega|ml's Python tasks too; Celery's builtins are left out, as `registered` does by default
+    assert "omegaml.tasks.omega_fit" in out and "run_omega_script" in out, out
+    assert "celery.chord_unlock" not in out, out
     rc, out = status
     assert rc == 0 and f"{node}: OK" in out, out
 
