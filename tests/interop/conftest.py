@@ -482,6 +482,21 @@ class WorkerProc:
         return self.returncode
 
 
+def wait_ready(w, timeout=90):
+    """Waits for a WorkerProc's ready line (om-worker's, or the Python worker's when `w.impl` is
+    'python'), sets `w.nodename` from it and returns `w`."""
+    rx = PY_READY_RE if w.impl == "python" else READY_RE
+    deadline = time.monotonic() + timeout
+    while not rx.search(w.log()):
+        if not w.alive():
+            raise AssertionError(f"{w.impl} worker exited rc {w.proc.returncode} before ready\n{w.log_tail()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{w.impl} worker not ready after {timeout}s\n{w.log_tail()}")
+        time.sleep(0.2)
+    w.nodename = rx.search(w.log()).group(1)
+    return w
+
+
 def worker_env(tmpdir, broker_url=None, backend_url=None, mongo_url=None, extra=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUB_ENV)}
     env.update({"OMEGA_TMP": str(tmpdir), "OMEGA_CONFIG_FILE": _NO_CONFIG, "RUST_BACKTRACE": "1"})

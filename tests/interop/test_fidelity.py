@@ -28,8 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (HOSTNAME, PY_READY_RE, READY_RE, VENV, VENV_PY, _NO_CONFIG, Broker, WorkerProc,
-                      short_id, worker_env)
+from conftest import HOSTNAME, VENV, VENV_PY, _NO_CONFIG, Broker, WorkerProc, short_id, wait_ready, worker_env
 from omega_scenarios import Scenario, client_env
 
 PARAM = 3
@@ -65,18 +64,6 @@ def start_worker(impl, broker_url, label, mongo, wdir, om_worker_bin):
     w = WorkerProc(argv, env, wdir / f"{impl}-worker.log", name.replace("%h", HOSTNAME))
     w.impl = impl
     return w
-
-
-def wait_ready(w, timeout=90):
-    rx = PY_READY_RE if w.impl == "python" else READY_RE
-    deadline = time.monotonic() + timeout
-    while not rx.search(w.log()):
-        if not w.alive():
-            raise AssertionError(f"{w.impl} worker exited rc {w.proc.returncode} before ready\n{w.log_tail()}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{w.impl} worker not ready after {timeout}s\n{w.log_tail()}")
-        time.sleep(0.2)
-    w.nodename = rx.search(w.log()).group(1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,9 +8,8 @@ user's (omega_scenarios.client_env): they print one `@@RESULT <json>` line.
 """
 import json
 import subprocess
-import time
 
-from conftest import HOSTNAME, PY_READY_RE, READY_RE, VENV, VENV_PY, _NO_CONFIG, WorkerProc, short_id, worker_env
+from conftest import HOSTNAME, VENV, VENV_PY, _NO_CONFIG, WorkerProc, short_id, wait_ready, worker_env  # noqa: F401 (wait_ready re-exported)
 from omega_scenarios import client_env
 
 RESULT_MARK = "@@RESULT "
@@ -44,17 +43,6 @@ def start_worker(impl, broker_url, label, mongo_url, wdir, om_worker_bin, backen
     return w
 
 
-def wait_ready(w, timeout=90):
-    rx = PY_READY_RE if w.impl == "python" else READY_RE
-    deadline = time.monotonic() + timeout
-    while not rx.search(w.log()):
-        if not w.alive():
-            raise AssertionError(f"{w.impl} worker exited rc {w.proc.returncode} before ready\n{w.log_tail()}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{w.impl} worker not ready after {timeout}s\n{w.log_tail()}")
-        time.sleep(0.2)
-    w.nodename = rx.search(w.log()).group(1)
-    return w
 
 
 def run_client(code, args, mongo_url, broker_url, label, tmpdir, backend="rpc://", timeout=400, extra_env=None):
