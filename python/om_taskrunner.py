@@ -527,11 +527,11 @@ class CaptureBackend:
 # =============================================================================================
 
 def _write_atomic(directory, name, data):
+    """Whole or absent for om-worker, which reads it on this host once the child has exited (so
+    no fsync: the rename is what makes it atomic; surviving a power cut is not needed)."""
     tmp = os.path.join(directory, ".%s.tmp" % name)
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
     os.rename(tmp, os.path.join(directory, name))
 
 
@@ -787,7 +787,9 @@ def _execute(request, result_dir):
         out["status"] = status
         if status == "SUCCESS":
             out.update(_exc_fields(None))
-            out["repr"] = _safe_repr(value)[:1024]  # for om-worker's logs and task events
+            # for om-worker's logs and task events: the tracer's own saferepr (bounded), not a
+            # second repr of a possibly large result
+            out["repr"] = Rstr[:1024] if isinstance(Rstr, str) else _safe_repr(value)[:1024]
             if backend.result is not None:
                 ct, ce, data = backend.result
                 _write_atomic(result_dir, RESULT_FILE, data)
