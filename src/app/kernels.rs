@@ -188,9 +188,9 @@ fn kernel_launcher(
 }
 
 /// The environment kernels and task children get: omega|ml's, as the Python
-/// worker gives its tasks.
-/// The worker's own MongoDB, broker and result backend: a task's Celery app
-/// (canvas callbacks, `self.retry()`, chord counting) talks to the same ones.
+/// worker gives its tasks, with the worker's own MongoDB, broker and result
+/// backend (a task's Celery app publishes callbacks and retries and counts
+/// chord parts there).
 fn kernel_env(config: &Config) -> KernelEnv {
     KernelEnv::omega(&config.mongo_url, Some(&config.broker_url))
         .with("OMEGA_RESULT_BACKEND", &config.result_backend)

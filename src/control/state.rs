@@ -761,25 +761,24 @@ impl RequestGuard {
                     .map(|m| m.repr())
                     .collect::<Vec<_>>()
                     .join(", ");
-                let exception = format!("{}({msg})", e.exception.exc_type);
                 // Celery's worker events for each ending (celery.worker.request).
-                let (event, fields) = match e.kind {
-                    ErrorKind::Failure => (
-                        "task-failed",
-                        json!({"uuid": self.id, "exception": exception,
-                               "traceback": e.traceback.clone().unwrap_or_default()}),
-                    ),
-                    ErrorKind::Retry => (
-                        "task-retried",
-                        json!({"uuid": self.id, "exception": exception,
-                               "traceback": e.traceback.clone().unwrap_or_default()}),
-                    ),
+                let event = match e.kind {
+                    ErrorKind::Failure => "task-failed",
+                    ErrorKind::Retry => "task-retried",
                     ErrorKind::Rejected => {
-                        ("task-rejected", json!({"uuid": self.id, "requeue": false}))
+                        let fields = json!({"uuid": self.id, "requeue": false});
+                        return self.state.send_task_event("task-rejected", fields);
                     }
                     ErrorKind::Ignored => return,
                 };
-                self.state.send_task_event(event, fields);
+                self.state.send_task_event(
+                    event,
+                    json!({
+                        "uuid": self.id,
+                        "exception": format!("{}({msg})", e.exception.exc_type),
+                        "traceback": e.traceback.clone().unwrap_or_default(),
+                    }),
+                );
             }
         }
     }

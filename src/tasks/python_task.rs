@@ -338,7 +338,13 @@ fn read_outcome(dir: &Path, exit: KernelExit, serializer: Serializer) -> Result<
                 _ => ErrorKind::Failure,
             };
             if let Some(retry) = &outcome.retry {
-                info!(retry = %retry, "the task republished itself for a retry");
+                // Not the whole record: new kwargs may hold omega|ml's `__auth`.
+                let field = |k: &str| retry.get(k).cloned().unwrap_or_default();
+                info!(
+                    retries = %field("retries"), countdown = %field("countdown"),
+                    eta = %field("eta"), queue = %field("queue"),
+                    "the task republished itself for a retry"
+                );
             }
             let exc_message = match outcome.exc_message.as_ref().map(from_typed_json) {
                 Some(Ok(Value::List(args))) | Some(Ok(Value::Tuple(args))) => args,
@@ -431,6 +437,12 @@ impl PythonCatalog {
             native: native.into_iter().collect(),
             listing: tokio::sync::Mutex::new(Listing::NotYet),
         }
+    }
+
+    /// Lists the tasks now if not done yet (start-up warming; failures are
+    /// logged and retried on use, as for any listing).
+    pub async fn preload(&self) {
+        self.loaded().await;
     }
 
     /// The names listed so far (none while the listing runs or failed);

@@ -148,26 +148,30 @@ pub fn canvas(msg: &TaskMessage) -> Vec<&'static str> {
 /// (`NotImplementedError`, which the client re-raises) and rejected instead.
 pub fn unsupported_canvas(msg: &TaskMessage) -> Option<Verdict> {
     let present = canvas(msg);
-    if present.is_empty() {
-        return None;
-    }
+    (!present.is_empty()).then(|| canvas_refusal(msg, &present))
+}
+
+/// The refusal of [`unsupported_canvas`] for the `present` canvas fields.
+pub fn canvas_refusal(msg: &TaskMessage, present: &[&str]) -> Verdict {
     let what = present.join(", ");
     error!(
         task_id = %msg.id, task = %msg.name,
-        "message carries Celery canvas ({what}), which om-worker does not run yet; failing it"
+        "message carries Celery canvas ({what}) for a task that cannot run it; failing it"
     );
     let exc = ExceptionInfo::new(
         "builtins",
         "NotImplementedError",
         format!(
-            "om-worker does not run Celery canvas yet (this message carries: {what}); \
-             send it to a queue served by a Python worker"
+            "om-worker runs Celery canvas only in omega|ml's Python tasks, and its kernel \
+             Python has no task {:?} (this message carries: {what}); send it to a queue \
+             served by a Python worker",
+            msg.name
         ),
     );
-    Some(Verdict {
+    Verdict {
         report: Some((ResultMeta::failure(&msg.id, exc, None), target(msg))),
         settle: Settle::Reject,
-    })
+    }
 }
 
 /// What stage 3 decided about running now.

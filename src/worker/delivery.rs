@@ -65,18 +65,15 @@ pub(super) async fn handle(s: Arc<Shared>, d: Delivery) {
     };
     // om-worker's own tasks do not run canvas; omega|ml's Python task of the
     // same name does (e.g. `om.runtime.sequence()` starting with a ping).
-    let task = match task.runs_canvas() || decide::canvas(&msg).is_empty() {
-        true => task,
-        false => match s.registry.resolve_canvas(&msg.name).await {
-            Some(python) => {
-                info!(task_id = %msg.id, task = %msg.name, "the message carries canvas: running omega|ml's Python task instead of om-worker's own");
-                python
-            }
-            None => match decide::unsupported_canvas(&msg) {
-                Some(v) => return conclude(s.backend.as_ref(), acker, &msg.id, v).await,
-                None => task,
-            },
-        },
+    let canvas = decide::canvas(&msg);
+    let task = if task.runs_canvas() || canvas.is_empty() {
+        task
+    } else if let Some(python) = s.registry.resolve_canvas(&msg.name).await {
+        info!(task_id = %msg.id, task = %msg.name, "the message carries canvas: running omega|ml's Python task instead of om-worker's own");
+        python
+    } else {
+        let v = decide::canvas_refusal(&msg, &canvas);
+        return conclude(s.backend.as_ref(), acker, &msg.id, v).await;
     };
     let mut req = s.state.received(&msg, &message);
     if !admitted(&s, &msg, acker, &req).await {
