@@ -183,7 +183,7 @@ impl Task for PythonTask {
         if let Some(gpu) = gpu_env_for_slot(&ctx.gpus, ctx.slot) {
             extra_env.insert("CUDA_VISIBLE_DEVICES".to_owned(), gpu);
         }
-        let child = self.start(&request_path, &extra_env).await?;
+        let child = self.start(&request_path, &extra_env, &ctx.nodename).await?;
         debug!(task_id = %msg.id, pid = child.pid(), "task child started");
         // The soft time limit is Celery's: the child arms it itself when the
         // task starts (the request carries it) and raises
@@ -218,11 +218,12 @@ impl PythonTask {
         &self,
         request: &Path,
         extra_env: &BTreeMap<String, String>,
+        hostname: &str,
     ) -> Result<KernelProcess, TaskError> {
         let rt = &self.runtime;
         if let Some(fs) = &rt.fork_server {
             match fs
-                .fork_task(request, extra_env, rt.memory_limit_bytes)
+                .fork_task_warm(request, extra_env, rt.memory_limit_bytes, hostname)
                 .await
             {
                 Ok(child) => return Ok(child),
