@@ -246,7 +246,16 @@ def _watch_owner(owner):
             else:
                 time.sleep(1.0)
 
-    threading.Thread(target=run, name="om-owner-watch", daemon=True).start()
+    # a small stack: RLIMIT_AS (--kernel-memory-mb) counts every thread's stack reservation
+    try:
+        old = threading.stack_size(256 * 1024)
+    except (ValueError, RuntimeError):
+        old = None
+    try:
+        threading.Thread(target=run, name="om-owner-watch", daemon=True).start()
+    finally:
+        if old is not None:
+            threading.stack_size(old)
 
 
 def _prepare_child(req, close_fds):
