@@ -437,3 +437,59 @@ async fn server_exit_and_owner_exit() {
         let _ = owner.wait();
     }
 }
+
+/// omega|ml task children (`fork_task_warm`): after the first task, each task runs in a spare
+/// child forked and warmed up ahead of it, and a new spare is forked right after; every task
+/// still gets a process of its own that ends with it.
+#[tokio::test]
+async fn task_children_after_the_first_run_in_spares() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = ForkServerConfig::new(venv_python()); // default preload: omegaml, its task app
+    cfg.cwd = Some(dir.path().to_path_buf());
+    cfg.env = KernelEnv::inherit()
+        .with(
+            "OMEGA_CONFIG_FILE",
+            dir.path().join("none.yml").display().to_string(),
+        )
+        .with("OMEGA_MONGO_URL", "mongodb://127.0.0.1:9/omw_none");
+    let launcher = ForkServerLauncher::new(cfg, KernelTracker::new());
+    let mut pids = Vec::new();
+    for i in 0..3 {
+        let rdir = dir.path().join(format!("r{i}"));
+        std::fs::create_dir(&rdir).expect("mkdir");
+        let req = rdir.join("request.json");
+        let body = serde_json::json!({
+            // Celery's builtin `accumulate` returns its args: no database needed here
+            "task": "celery.accumulate", "id": format!("t{i}"), "args": [i, "x"],
+            "kwargs": {"$dict": []}, "request": {"hostname": "omw-spare@test"},
+            "result_serializer": "json", "result_dir": rdir.display().to_string()});
+        std::fs::write(&req, body.to_string()).expect("request");
+        let child = tokio::time::timeout(
+            Duration::from_secs(180),
+            launcher.fork_task_warm(&req, &Default::default(), None, "omw-spare@test"),
+        )
+        .await
+        .expect("bounded")
+        .expect("task child");
+        let exit = tokio::time::timeout(Duration::from_secs(120), child.exited())
+            .await
+            .expect("task ends");
+        let outcome: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(rdir.join("outcome.json")).expect("outcome"))
+                .expect("json");
+        assert_eq!(
+            outcome["status"], "SUCCESS",
+            "task {i}: {outcome} ({exit:?})"
+        );
+        let result: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(rdir.join("result.bin")).expect("result"))
+                .expect("json result");
+        assert_eq!(result, serde_json::json!([i, "x"]));
+        pids.push(child.pid());
+        child.kill().await;
+    }
+    pids.dedup();
+    assert_eq!(pids.len(), 3, "one process per task: {pids:?}");
+    assert_eq!(launcher.stats().spares_used, 2);
+    launcher.shutdown().await;
+}
