@@ -837,30 +837,6 @@ impl ForkServerLauncher {
         Err("fork server gone".into())
     }
 
-    /// Forks a spare for the tasks [`Self::fork_task_warm`] would run with
-    /// these arguments, so that even the first one after start-up finds one.
-    pub async fn prime_task_spare(
-        &self,
-        extra_env: &BTreeMap<String, String>,
-        rlimit_as: Option<u64>,
-        hostname: &str,
-    ) -> Result<(), String> {
-        if !self.config.task_spares {
-            return Ok(());
-        }
-        let plan = self.configured_plan()?;
-        let mut env = plan.env.clone();
-        env.extend(extra_env.iter().map(|(k, v)| (k.clone(), v.clone())));
-        let key = SpareKey {
-            env,
-            rlimit_as,
-            hostname: hostname.to_owned(),
-        };
-        let server = self.server_for(&plan).await?;
-        self.refill(&server, &key).await;
-        Ok(())
-    }
-
     /// The pid of a live spare of `server` for `key` (removed from the list),
     /// and the pids of spares too old to use (to retire); dead spares and
     /// those of an earlier server are dropped.

@@ -447,19 +447,11 @@ impl PythonCatalog {
     }
 
     /// Lists the tasks now if not done yet (start-up warming; failures are
-    /// logged and retried on use, as for any listing), then forks a spare
-    /// task child for the worker `hostname`'s first slot (`first_slot_env`:
-    /// its GPU), so the first Python task starts warm too.
-    pub async fn preload(&self, hostname: &str, first_slot_env: BTreeMap<String, String>) {
-        if self.loaded().await.is_none() {
-            return;
-        }
-        if let Some(fs) = &self.runtime.fork_server {
-            let limit = self.runtime.memory_limit_bytes;
-            if let Err(e) = fs.prime_task_spare(&first_slot_env, limit, hostname).await {
-                debug!("no spare task child at start-up: {e}");
-            }
-        }
+    /// logged and retried on use, as for any listing). No spare task child
+    /// is forked here: a worker that only runs notebooks keeps none; the
+    /// first Python task forks the first one.
+    pub async fn preload(&self) {
+        self.loaded().await;
     }
 
     /// The names listed so far (none while the listing runs or failed);
