@@ -109,8 +109,9 @@ pub async fn notebook_task(config: &Config) -> anyhow::Result<(RunOmegamlJob, No
     let task = RunOmegamlJob::new(
         store,
         Arc::clone(&executor),
-        &config.mongo_url,
-        &config.broker_url,
+        // exactly the fork server's and the pool's: a kernel env that differs
+        // in one variable is neither forked nor taken from the pool
+        kernel_env(config),
         config.tmp_dir.clone(),
     );
     let runtime = NotebookRuntime {

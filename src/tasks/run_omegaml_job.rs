@@ -31,19 +31,20 @@ pub struct RunOmegamlJob {
 
 impl RunOmegamlJob {
     /// A task that reads and writes `store` and runs notebooks with `executor`
-    /// in kernels that see `mongo_url`/`broker_url` (as omega|ml's worker gives
-    /// its kernels) and start in `cwd` (`OMEGA_TMP`).
+    /// in kernels with `kernel_env` (omega|ml's, as its worker gives its
+    /// kernels: the worker's MongoDB, broker and result backend; it must be
+    /// the fork server's and the pool's, or kernels start as plain processes)
+    /// that start in `cwd` (`OMEGA_TMP`).
     pub fn new(
         store: Store,
         executor: Arc<Executor>,
-        mongo_url: &str,
-        broker_url: &str,
+        kernel_env: KernelEnv,
         cwd: std::path::PathBuf,
     ) -> Self {
         RunOmegamlJob {
             store,
             executor,
-            kernel_env: KernelEnv::omega(mongo_url, Some(broker_url)),
+            kernel_env,
             cwd,
         }
     }

@@ -118,6 +118,8 @@ def test_a_notebook_that_kills_the_fork_server_harms_no_other_task(iso, request)
     request.node._omw_workers = [iso["w"]]
     victim, killer, after = (f"victim{short_id()}", f"killer{short_id()}", f"after{short_id()}")
     victim_cells = [pid_cell(iso, victim),
+                    "import os\nprint('parent:', open('/proc/%d/cmdline' % os.getppid())"
+                    ".read().replace(chr(0), ' '))",
                     "import time\nfor i in range(12):\n    print('tick', i, flush=True)\n"
                     "    time.sleep(1)",
                     "print('victim done')"]
@@ -139,6 +141,9 @@ def test_a_notebook_that_kills_the_fork_server_harms_no_other_task(iso, request)
     (r_after,) = run_jobs(iso, [(after, [pid_cell(iso, after), "print(6 * 7)"])])
     assert r_after["state"] == "SUCCESS" and one_run(r_after)["status"] == "OK", r_after
     assert "42" in r_after["text"]
+    # the victim's kernel was forked by the fork server (checked before the kill), not started
+    # as a plain process (as a notebook task's kernel env differing from the server's would be)
+    assert "parent: " in r_victim["text"] and "om_forkserver.py" in r_victim["text"], r_victim["text"]
     for tag in (victim, killer, after):
         pid = int((iso["marks"] / f"kpid-{tag}").read_text())
         wait_until(lambda: fu.gone(pid), 15, f"kernel {pid} of {tag} gone after its task")
