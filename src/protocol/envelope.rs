@@ -22,7 +22,7 @@ use base64::Engine as _;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value as Json};
 
-use super::json::{from_json, to_json, JsonError};
+use super::json::{to_json, JsonError, PythonJson};
 use super::message::{Headers, Outgoing, RawMessage};
 use super::value::Value;
 
@@ -51,8 +51,13 @@ pub enum EnvelopeError {
 /// when kombu's restore marked the envelope (`headers.redelivered`,
 /// `properties.delivery_info.redelivered`, or the top-level `redelivered` of
 /// non-emulated restores).
+///
+/// kombu's envelope is Python JSON, so `NaN`/`Infinity` in a header (a float
+/// argument of Celery's own, or an application header) is read as Python
+/// reads it ([`PythonJson`]) rather than refused.
 pub fn parse(bytes: &[u8]) -> Result<(RawMessage, String), EnvelopeError> {
-    let env = top_level(bytes)?;
+    let text = PythonJson::new(bytes);
+    let env = top_level(text.bytes())?;
     let empty = Map::new();
     let props = match env.get("properties") {
         Some(Json::Object(p)) => p,
@@ -90,7 +95,7 @@ pub fn parse(bytes: &[u8]) -> Result<(RawMessage, String), EnvelopeError> {
     {
         // kombu writes `headers or {}`; tolerate an explicit null.
         Some(b"null") => Headers::new(),
-        Some(h) if h.first() == Some(&b'{') => headers_from(h)?,
+        Some(h) if h.first() == Some(&b'{') => headers_from(h, &text)?,
         _ => return Err(EnvelopeError::Missing("headers")),
     };
 
@@ -164,13 +169,13 @@ fn top_level(bytes: &[u8]) -> Result<TopLevel, EnvelopeError> {
 /// recursion limit (128) becomes `None`, as the AMQP side cuts such field
 /// tables: Celery's own headers are flat, and an exotic extra header must not
 /// make the whole task unreadable.
-fn headers_from(raw: &[u8]) -> Result<Headers, EnvelopeError> {
+fn headers_from(raw: &[u8], text: &PythonJson<'_>) -> Result<Headers, EnvelopeError> {
     let fields: std::collections::BTreeMap<String, Box<RawValue>> =
         serde_json::from_slice(raw).map_err(|e| EnvelopeError::Syntax(format!("headers: {e}")))?;
     let mut headers = Headers::new();
     for (k, v) in fields {
         let value = match serde_json::from_str::<Json>(v.get()) {
-            Ok(j) => from_json(&j)?,
+            Ok(j) => text.to_value(&j)?,
             Err(e) if e.to_string().contains("recursion limit") => {
                 tracing::warn!(header = %k, "header nests deeper than 128 levels; read as None");
                 Value::None
@@ -188,7 +193,8 @@ fn headers_from(raw: &[u8]) -> Result<Headers, EnvelopeError> {
 /// silently. `None` when not even an id is readable. The message returned
 /// carries `transport_error` and an empty body.
 pub fn salvage(bytes: &[u8], error: &EnvelopeError) -> Option<RawMessage> {
-    let env = top_level(bytes).ok()?;
+    let text = PythonJson::new(bytes);
+    let env = top_level(text.bytes()).ok()?;
     let props = env.get("properties").and_then(Json::as_object);
     let prop = |k: &str| opt_string(props.and_then(|p| p.get(k)));
     let raw_fields: std::collections::BTreeMap<String, Box<RawValue>> = env

@@ -34,20 +34,219 @@ pub enum JsonError {
 }
 
 /// Parses JSON bytes into a [`Value`], unwrapping kombu wrappers.
+///
+/// Reads what Python's `json.loads` reads (kombu's JSON serializer is
+/// `json.loads`): `NaN`, `Infinity` and `-Infinity` become floats, a float
+/// literal too large for a double (`1e400`) becomes ±inf, and an integer
+/// beyond 64 bits stays an exact [`Value::BigInt`] (see [`PythonJson`]).
 pub fn decode(bytes: &[u8]) -> Result<Value, JsonError> {
+    let text = PythonJson::new(bytes);
     // serde_json itself stops at 128 levels of recursion, so this cannot
     // overflow the stack; `from_json` re-checks depth for values built elsewhere.
     let v: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| JsonError::Syntax(e.to_string()))?;
-    from_json(&v)
+        serde_json::from_slice(text.bytes()).map_err(|e| JsonError::Syntax(e.to_string()))?;
+    text.to_value(&v)
 }
 
 /// Converts a parsed JSON value into a [`Value`], unwrapping kombu wrappers.
 pub fn from_json(v: &serde_json::Value) -> Result<Value, JsonError> {
-    from_json_at(v, 0)
+    from_json_at(v, 0, None)
 }
 
-fn from_json_at(v: &serde_json::Value, depth: usize) -> Result<Value, JsonError> {
+/// JSON text as Python's `json` module writes it, made readable by serde_json.
+///
+/// Python's `json.dumps` writes `NaN`, `Infinity` and `-Infinity` for
+/// non-finite floats (`allow_nan=True` is the default, and kombu keeps it), and
+/// `json.loads` reads them back, along with float literals that overflow to
+/// ±inf and integers of any size. serde_json refuses the first three and the
+/// overflowing floats, and rounds big integers to a double. So before parsing,
+/// each such token (outside strings) is replaced by a one-key object
+/// `{MARKER: "nan" | "inf" | "-inf" | "<digits>"}`, which [`Self::to_value`]
+/// turns into the float or [`Value::BigInt`]. The marker starts with U+0001,
+/// which valid JSON can only spell as an escape; a marker that a string of the
+/// input happens to spell is skipped for the next one, so no input object is
+/// ever mistaken for a replaced token. Text without such tokens (every message
+/// a Celery client sends unless its arguments hold them) is parsed as is.
+pub struct PythonJson<'a> {
+    text: std::borrow::Cow<'a, [u8]>,
+    marker: Option<String>,
+}
+
+/// A token [`PythonJson`] replaces, and where.
+struct Special {
+    start: usize,
+    end: usize,
+    tag: String,
+}
+
+impl<'a> PythonJson<'a> {
+    /// Scans `bytes` (cheap when there is nothing to replace: no copy).
+    pub fn new(bytes: &'a [u8]) -> Self {
+        let (specials, escaped_strings) = scan(bytes);
+        if specials.is_empty() {
+            return PythonJson {
+                text: std::borrow::Cow::Borrowed(bytes),
+                marker: None,
+            };
+        }
+        // Only a string written with escapes can spell a marker (U+0001 must
+        // be escaped in JSON); pick the first marker none of them spells.
+        let spelled: Vec<String> = escaped_strings
+            .iter()
+            .filter_map(|&(a, b)| serde_json::from_slice::<String>(&bytes[a..b]).ok())
+            .collect();
+        let marker = (0u64..)
+            .map(|n| format!("\u{1}omw-nonfinite-{n}"))
+            .find(|m| !spelled.iter().any(|s| s == m))
+            .unwrap_or_default();
+        let key = serde_json::Value::String(marker.clone()).to_string();
+        let mut out = Vec::with_capacity(bytes.len() + specials.len() * (key.len() + 16));
+        let mut at = 0;
+        for s in &specials {
+            out.extend_from_slice(&bytes[at..s.start]);
+            out.push(b'{');
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(b":\"");
+            out.extend_from_slice(s.tag.as_bytes());
+            out.extend_from_slice(b"\"}");
+            at = s.end;
+        }
+        out.extend_from_slice(&bytes[at..]);
+        PythonJson {
+            text: std::borrow::Cow::Owned(out),
+            marker: Some(marker),
+        }
+    }
+
+    /// The text to hand to serde_json.
+    pub fn bytes(&self) -> &[u8] {
+        &self.text
+    }
+
+    /// [`from_json`] for a value parsed from [`Self::bytes`] (or a part of it),
+    /// putting the replaced tokens back.
+    pub fn to_value(&self, v: &serde_json::Value) -> Result<Value, JsonError> {
+        from_json_at(v, 0, self.marker.as_deref())
+    }
+}
+
+/// Finds the tokens [`PythonJson`] replaces, and the spans of string tokens
+/// written with escapes. Invalid JSON is left for serde_json to report: this
+/// only has to find strings and number/name tokens correctly in valid text.
+fn scan(b: &[u8]) -> (Vec<Special>, Vec<(usize, usize)>) {
+    let mut specials = Vec::new();
+    let mut escaped = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                let start = i;
+                let mut has_escape = false;
+                i += 1;
+                while i < b.len() && b[i] != b'"' {
+                    if b[i] == b'\\' {
+                        has_escape = true;
+                        i += 1;
+                    }
+                    i += 1;
+                }
+                i = (i + 1).min(b.len());
+                if has_escape {
+                    escaped.push((start, i));
+                }
+            }
+            b'N' if b[i..].starts_with(b"NaN") => {
+                specials.push(special(i, i + 3, "nan"));
+                i += 3;
+            }
+            b'I' if b[i..].starts_with(b"Infinity") => {
+                specials.push(special(i, i + 8, "inf"));
+                i += 8;
+            }
+            b'-' if b[i..].starts_with(b"-Infinity") => {
+                specials.push(special(i, i + 9, "-inf"));
+                i += 9;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < b.len() && matches!(b[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                {
+                    i += 1;
+                }
+                if let Some(tag) = number_tag(&b[start..i]) {
+                    specials.push(special(start, i, &tag));
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    (specials, escaped)
+}
+
+fn special(start: usize, end: usize, tag: &str) -> Special {
+    Special {
+        start,
+        end,
+        tag: tag.to_owned(),
+    }
+}
+
+/// The replacement tag for a number token serde_json would refuse or round:
+/// a float literal that overflows (Python's `float()` gives ±inf), or a valid
+/// JSON integer outside `i64`/`u64` (Python keeps it exact). `None` for every
+/// other token, malformed ones included (serde_json reports those).
+fn number_tag(tok: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(tok).ok()?;
+    if !is_json_number(tok) {
+        return None;
+    }
+    if tok.iter().any(|c| matches!(c, b'.' | b'e' | b'E')) {
+        let f: f64 = text.parse().ok()?;
+        return f
+            .is_infinite()
+            .then(|| if f > 0.0 { "inf" } else { "-inf" }.to_owned());
+    }
+    (text.parse::<i64>().is_err() && text.parse::<u64>().is_err()).then(|| text.to_owned())
+}
+
+/// JSON's number grammar (Python's `NUMBER_RE`):
+/// `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?`.
+fn is_json_number(tok: &[u8]) -> bool {
+    fn digits(t: &[u8]) -> usize {
+        t.iter().take_while(|c| c.is_ascii_digit()).count()
+    }
+    let mut i = usize::from(tok.first() == Some(&b'-'));
+    let int = digits(&tok[i..]);
+    if int == 0 || (int > 1 && tok[i] == b'0') {
+        return false;
+    }
+    i += int;
+    if tok.get(i) == Some(&b'.') {
+        let frac = digits(&tok[i + 1..]);
+        if frac == 0 {
+            return false;
+        }
+        i += 1 + frac;
+    }
+    if matches!(tok.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(tok.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        let exp = digits(&tok[i..]);
+        if exp == 0 {
+            return false;
+        }
+        i += exp;
+    }
+    i == tok.len()
+}
+
+fn from_json_at(
+    v: &serde_json::Value,
+    depth: usize,
+    marker: Option<&str>,
+) -> Result<Value, JsonError> {
     if depth > MAX_DEPTH {
         return Err(JsonError::TooDeep);
     }
@@ -59,19 +258,37 @@ fn from_json_at(v: &serde_json::Value, depth: usize) -> Result<Value, JsonError>
         serde_json::Value::Array(items) => Value::List(
             items
                 .iter()
-                .map(|i| from_json_at(i, depth + 1))
+                .map(|i| from_json_at(i, depth + 1, marker))
                 .collect::<Result<_, _>>()?,
         ),
         serde_json::Value::Object(map) => {
+            if let Some(w) = replaced_token(map, marker) {
+                return Ok(w);
+            }
             if let Some(w) = unwrap_kombu(map)? {
                 return Ok(w);
             }
             Value::Dict(
                 map.iter()
-                    .map(|(k, v)| Ok((Value::Str(k.clone()), from_json_at(v, depth + 1)?)))
+                    .map(|(k, v)| Ok((Value::Str(k.clone()), from_json_at(v, depth + 1, marker)?)))
                     .collect::<Result<_, JsonError>>()?,
             )
         }
+    })
+}
+
+/// A `{MARKER: tag}` object [`PythonJson`] put in place of a token.
+fn replaced_token(map: &Map<String, serde_json::Value>, marker: Option<&str>) -> Option<Value> {
+    let marker = marker?;
+    if map.len() != 1 {
+        return None;
+    }
+    let tag = map.get(marker)?.as_str()?;
+    Some(match tag {
+        "nan" => Value::Float(f64::NAN),
+        "inf" => Value::Float(f64::INFINITY),
+        "-inf" => Value::Float(f64::NEG_INFINITY),
+        digits => Value::BigInt(digits.to_owned()),
     })
 }
 
@@ -187,7 +404,15 @@ pub fn parse_datetime(s: &str) -> Option<Value> {
 /// `PassthroughDataset` as its name. That is what a Python worker would
 /// send, and it is lossy for the dataset, as it is in Python.
 pub fn to_json(v: &Value) -> serde_json::Value {
+    to_json_marked(v, None)
+}
+
+/// [`to_json`], writing a non-finite float as the string `"{marker}:{tag}"`
+/// when a marker is given (for [`encode`] to turn into Python's tokens), else
+/// as `null` (JSON has no such number).
+fn to_json_marked(v: &Value, marker: Option<&str>) -> serde_json::Value {
     use serde_json::json;
+    let to_json = |v: &Value| to_json_marked(v, marker);
     match v {
         Value::None => serde_json::Value::Null,
         Value::Bool(b) => json!(b),
@@ -196,9 +421,11 @@ pub fn to_json(v: &Value) -> serde_json::Value {
             .parse::<Number>()
             .map(serde_json::Value::Number)
             .unwrap_or_else(|_| json!(s)),
-        Value::Float(f) => Number::from_f64(*f)
-            .map(serde_json::Value::Number)
-            .unwrap_or(serde_json::Value::Null),
+        Value::Float(f) => match (Number::from_f64(*f), marker) {
+            (Some(n), _) => serde_json::Value::Number(n),
+            (None, Some(m)) => serde_json::Value::String(format!("{m}:{}", nonfinite_tag(*f))),
+            (None, None) => serde_json::Value::Null,
+        },
         Value::Str(s) => json!(s),
         Value::Bytes(b) => match std::str::from_utf8(b) {
             Ok(s) => json!({"__type__": "bytes", "__value__": s}),
@@ -206,7 +433,7 @@ pub fn to_json(v: &Value) -> serde_json::Value {
                 "__value__": base64::engine::general_purpose::STANDARD.encode(b)}),
         },
         Value::List(items) | Value::Tuple(items) | Value::Set(items) => {
-            serde_json::Value::Array(items.iter().map(to_json).collect())
+            serde_json::Value::Array(items.iter().map(&to_json).collect())
         }
         Value::Dict(items) => {
             let mut map = Map::new();
@@ -236,9 +463,68 @@ pub fn to_json(v: &Value) -> serde_json::Value {
 }
 
 /// Encodes a [`Value`] as JSON bytes (kombu's `dumps`).
+///
+/// A NaN or infinite float is written as Python's `json.dumps` writes it
+/// (`NaN`, `Infinity`, `-Infinity`; kombu keeps `allow_nan=True`), so a
+/// client's `json.loads` gets the float back rather than `None`.
 pub fn encode(v: &Value) -> Vec<u8> {
-    // Serializing a serde_json::Value cannot fail.
-    serde_json::to_vec(&to_json(v)).unwrap_or_default()
+    if !has_non_finite(v) {
+        // Serializing a serde_json::Value cannot fail.
+        return serde_json::to_vec(&to_json(v)).unwrap_or_default();
+    }
+    // serde_json cannot write those tokens: write each as a marker string no
+    // string of `v` contains, then replace the markers' JSON text.
+    let marker = (0u64..)
+        .map(|n| format!("\u{1}omw-nonfinite-{n}"))
+        .find(|m| !mentions(v, m))
+        .unwrap_or_default();
+    let mut text = serde_json::to_string(&to_json_marked(v, Some(&marker))).unwrap_or_default();
+    for (tag, token) in [("nan", "NaN"), ("inf", "Infinity"), ("-inf", "-Infinity")] {
+        let quoted = serde_json::Value::String(format!("{marker}:{tag}")).to_string();
+        text = text.replace(&quoted, token);
+    }
+    text.into_bytes()
+}
+
+fn nonfinite_tag(f: f64) -> &'static str {
+    if f.is_nan() {
+        "nan"
+    } else if f > 0.0 {
+        "inf"
+    } else {
+        "-inf"
+    }
+}
+
+/// True when `v` holds a NaN or infinite float anywhere.
+fn has_non_finite(v: &Value) -> bool {
+    match v {
+        Value::Float(f) => !f.is_finite(),
+        Value::List(items) | Value::Tuple(items) | Value::Set(items) => {
+            items.iter().any(has_non_finite)
+        }
+        Value::Dict(items) => items
+            .iter()
+            .any(|(k, v)| has_non_finite(k) || has_non_finite(v)),
+        Value::Object(o) => has_non_finite(&o.plain()),
+        _ => false,
+    }
+}
+
+/// True when a string of `v` (a value, key or object part) contains `needle`.
+fn mentions(v: &Value, needle: &str) -> bool {
+    match v {
+        Value::Str(s) => s.contains(needle),
+        Value::Bytes(b) => String::from_utf8_lossy(b).contains(needle),
+        Value::List(items) | Value::Tuple(items) | Value::Set(items) => {
+            items.iter().any(|i| mentions(i, needle))
+        }
+        Value::Dict(items) => items
+            .iter()
+            .any(|(k, v)| mentions(k, needle) || mentions(v, needle)),
+        Value::Object(o) => mentions(&o.plain(), needle),
+        _ => false,
+    }
 }
 
 /// JSON object keys must be strings; Python's json turns ints/floats/bools/None into text.
@@ -363,6 +649,39 @@ mod tests {
             to_json(&odd),
             serde_json::json!({"class": "os.system", "args": ["id"], "state": null})
         );
+    }
+
+    #[test]
+    fn non_finite_floats_encode_as_python_json_writes_them() {
+        let v = Value::List(vec![
+            Value::Float(f64::NAN),
+            Value::dict([("x", Value::Float(f64::INFINITY))]),
+            Value::Float(f64::NEG_INFINITY),
+            Value::from("\u{1}omw-nonfinite-0:nan"),
+            Value::Float(1.5),
+        ]);
+        // json.dumps([nan, {"x": inf}, -inf, "\x01omw-nonfinite-0:nan", 1.5], separators=(",", ":"))
+        assert_eq!(
+            String::from_utf8(encode(&v)).expect("utf-8"),
+            r#"[NaN,{"x":Infinity},-Infinity,"\u0001omw-nonfinite-0:nan",1.5]"#
+        );
+        assert_eq!(decode(&encode(&v)).expect("reads back").repr(), v.repr());
+        // to_json (a serde_json value) still has no such numbers.
+        assert_eq!(to_json(&Value::Float(f64::NAN)), serde_json::Value::Null);
+    }
+
+    #[test]
+    fn python_json_tokens_and_big_ints_decode() {
+        let v =
+            decode(br#"[NaN, -Infinity, Infinity, 1e999, 123456789012345678901234567890, "NaN"]"#)
+                .expect("decodes");
+        assert_eq!(
+            v.repr(),
+            "[nan, -inf, inf, inf, 123456789012345678901234567890, 'NaN']"
+        );
+        for bad in ["[nan]", "[-NaN]", "[1.e5]", "[01]", "[Infinit]"] {
+            assert!(decode(bad.as_bytes()).is_err(), "{bad}");
+        }
     }
 
     #[test]
