@@ -164,8 +164,14 @@ fn a_redis_envelope_with_nan_headers_is_a_kombu_envelope() {
 }
 
 #[test]
-fn a_nan_time_limit_in_an_envelope_is_a_failure_with_the_id() {
-    let text = envelope_text(r#"{"task": "t", "id": "env-nan", "timelimit": [NaN, null]}"#);
+fn nan_and_inf_time_limits_are_no_limit_as_in_celery() {
+    // celery worker (prefork) runs a task with timelimit [NaN, inf] unlimited.
+    let text = envelope_text(r#"{"task": "t", "id": "env-nan", "timelimit": [NaN, Infinity]}"#);
+    let (raw, _) = envelope::parse(text.as_bytes()).expect("a kombu envelope");
+    let task = decode_task(&raw).expect("runs");
+    assert_eq!((task.hard_time_limit, task.soft_time_limit), (None, None));
+    // A negative limit is still refused, with the id, so the client gets a FAILURE.
+    let text = envelope_text(r#"{"task": "t", "id": "env-nan", "timelimit": [-Infinity, null]}"#);
     let (raw, _) = envelope::parse(text.as_bytes()).expect("a kombu envelope");
     let err = decode_task(&raw).expect_err("not a time limit");
     assert!(err.to_string().contains("timelimit"), "{err}");

@@ -625,11 +625,11 @@ fn corpus() -> Vec<(&'static str, RawMessage, Check)> {
             Box::new(bad_field("timelimit")),
         ),
         (
-            "timelimit NaN",
+            "timelimit -inf (NaN and +inf are no limit, as in Celery)",
             with_header(
                 raw(Some(JSON), json_body("[]", "{}", EMBED)),
                 "timelimit",
-                Value::List(vec![Value::Float(f64::NAN), Value::None]),
+                Value::List(vec![Value::Float(f64::NEG_INFINITY), Value::None]),
             ),
             Box::new(bad_field("timelimit")),
         ),

@@ -66,7 +66,9 @@ def test_nan_in_a_header_runs(broker, worker, client_factory, q, check_ping):
     client = client_factory(broker.url)
     body = json.dumps([[1, 2], {"a": 1}, EMBED]).encode()
     tid, res = client.publish_raw(q, body, content_type="application/json", content_encoding="utf-8",
-                                  headers={"x-score": float("nan"), "x-range": [float("-inf"), 1.5]})
+                                  headers={"x-score": float("nan"), "x-range": [float("-inf"), 1.5],
+                                           # celery worker runs it with no limit (billiard never fires)
+                                           "timelimit": [float("nan"), float("inf")]})
     check_ping(res.get(timeout=30), w.nodename)
     assert res.state == "SUCCESS"
     _drained(broker, q)
