@@ -535,7 +535,12 @@ fn key_text(k: &Value) -> String {
         Value::Bool(b) => b.to_string(),
         Value::Int(i) => i.to_string(),
         Value::BigInt(s) => s.clone(),
-        Value::Float(f) => f.to_string(),
+        // json.dumps writes a float key with float.__repr__, non-finite ones as its tokens.
+        Value::Float(f) if f.is_nan() => "NaN".into(),
+        Value::Float(f) if f.is_infinite() => {
+            if *f > 0.0 { "Infinity" } else { "-Infinity" }.into()
+        }
+        Value::Float(f) => super::value::float_repr(*f),
         other => to_json(other).to_string(),
     }
 }
@@ -666,6 +671,17 @@ mod tests {
             r#"[NaN,{"x":Infinity},-Infinity,"\u0001omw-nonfinite-0:nan",1.5]"#
         );
         assert_eq!(decode(&encode(&v)).expect("reads back").repr(), v.repr());
+        // json.dumps({nan: 1, inf: 2, 1e16: 3, 0.5: 4})
+        let keys = Value::Dict(vec![
+            (Value::Float(f64::NAN), Value::Int(1)),
+            (Value::Float(f64::INFINITY), Value::Int(2)),
+            (Value::Float(1e16), Value::Int(3)),
+            (Value::Float(0.5), Value::Int(4)),
+        ]);
+        assert_eq!(
+            String::from_utf8(encode(&keys)).expect("utf-8"),
+            r#"{"NaN":1,"Infinity":2,"1e+16":3,"0.5":4}"#
+        );
         // to_json (a serde_json value) still has no such numbers.
         assert_eq!(to_json(&Value::Float(f64::NAN)), serde_json::Value::Null);
     }
