@@ -228,3 +228,74 @@ fn other_old_formats_are_still_refused() {
         .expect_err("v2");
     assert!(err.to_string().contains("nbformat 2"), "{err}");
 }
+
+mod properties {
+    use om_worker::protocol::{json, Value};
+    use proptest::prelude::*;
+
+    /// JSON-ish text built from the tokens the Python-JSON scan cares about.
+    fn jsonish() -> impl Strategy<Value = String> {
+        let token = prop::sample::select(vec![
+            "NaN",
+            "Infinity",
+            "-Infinity",
+            "-",
+            "1e400",
+            "1.5",
+            "0",
+            "01",
+            "12345678901234567890123",
+            "\"",
+            "\\\"",
+            "\\",
+            "\\u0001omw-nonfinite-0",
+            "[",
+            "]",
+            "{",
+            "}",
+            ":",
+            ",",
+            " ",
+            "null",
+            "\"a\"",
+            "N",
+            "I",
+            "e",
+            ".",
+        ]);
+        prop::collection::vec(token, 0..24).prop_map(|t| t.concat())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// Floats of every kind (NaN, ±inf, -0.0, subnormals) and any string survive
+        /// encode → decode exactly, as through Python's json.dumps/loads.
+        #[test]
+        fn floats_and_strings_round_trip(
+            xs in prop::collection::vec(any::<f64>(), 0..16),
+            s in ".*",
+        ) {
+            let mut items: Vec<Value> = xs.into_iter().map(Value::Float).collect();
+            items.push(Value::Str(s));
+            items.push(Value::Str("\u{1}omw-nonfinite-0:nan".into()));
+            let v = Value::List(items);
+            let back = json::decode(&json::encode(&v));
+            prop_assert!(back.is_ok(), "{:?}", back);
+            prop_assert_eq!(back.map(|b| b.repr()).unwrap_or_default(), v.repr());
+        }
+
+        /// The scan never panics, and whatever it accepts serde_json alone accepts
+        /// too once NaN/Infinity/big numbers are out of the picture.
+        #[test]
+        fn python_json_scan_never_panics(text in jsonish()) {
+            let got = json::decode(text.as_bytes());
+            let plain = !["NaN", "Infinity", "1e400", "12345678901234567890123"]
+                .iter()
+                .any(|t| text.contains(t));
+            if plain {
+                prop_assert_eq!(got.is_ok(), serde_json::from_str::<serde_json::Value>(&text).is_ok(), "{}", text);
+            }
+        }
+    }
+}
