@@ -161,6 +161,9 @@ fn a_redis_envelope_with_nan_headers_is_a_kombu_envelope() {
     );
     let task = decode_task(&raw).expect("runs as Celery runs it");
     assert_eq!(task.id, "env-nan");
+    // A bare NaN as a header name is not JSON for Python either.
+    let text = envelope_text(r#"{"task": "t", "id": "env-nan", NaN: 1}"#);
+    assert!(envelope::parse(text.as_bytes()).is_err());
 }
 
 #[test]

@@ -58,6 +58,9 @@ pub enum EnvelopeError {
 pub fn parse(bytes: &[u8]) -> Result<(RawMessage, String), EnvelopeError> {
     let text = PythonJson::new(bytes);
     let env = top_level(text.bytes())?;
+    if let Some(k) = env.keys().find(|k| text.check_key(k).is_err()) {
+        return Err(EnvelopeError::Syntax(format!("bare token as a key: {k:?}")));
+    }
     let empty = Map::new();
     let props = match env.get("properties") {
         Some(Json::Object(p)) => p,
@@ -174,6 +177,7 @@ fn headers_from(raw: &[u8], text: &PythonJson<'_>) -> Result<Headers, EnvelopeEr
         serde_json::from_slice(raw).map_err(|e| EnvelopeError::Syntax(format!("headers: {e}")))?;
     let mut headers = Headers::new();
     for (k, v) in fields {
+        text.check_key(&k)?;
         let value = match serde_json::from_str::<Json>(v.get()) {
             Ok(j) => text.to_value(&j)?,
             Err(e) if e.to_string().contains("recursion limit") => {

@@ -60,62 +60,74 @@ pub fn from_json(v: &serde_json::Value) -> Result<Value, JsonError> {
 /// `json.loads` reads them back, along with float literals that overflow to
 /// ±inf and integers of any size. serde_json refuses the first three and the
 /// overflowing floats, and rounds big integers to a double. So before parsing,
-/// each such token (outside strings) is replaced by a one-key object
-/// `{MARKER: "nan" | "inf" | "-inf" | "<digits>"}`, which [`Self::to_value`]
-/// turns into the float or [`Value::BigInt`]. The marker starts with U+0001,
-/// which valid JSON can only spell as an escape; a marker that a string of the
-/// input happens to spell is skipped for the next one, so no input object is
-/// ever mistaken for a replaced token. Text without such tokens (every message
-/// a Celery client sends unless its arguments hold them) is parsed as is.
+/// each such token (outside strings) is replaced by a JSON string
+/// `"<MARKER>nan" | "<MARKER>inf" | "<MARKER>-inf" | "<MARKER><digits>"`, which
+/// [`Self::to_value`] turns back into the float or [`Value::BigInt`]. The
+/// marker is U+0001, a number and `:`; valid JSON can only spell U+0001 as the
+/// escape `\u0001`, and a marker that a string of the input starts with is
+/// skipped for the next number, so no input string is ever mistaken for a
+/// replaced token. A string (not an object) keeps the parsed form small, and
+/// both passes stream: nothing is collected per token. Text without such
+/// tokens (every message a Celery client sends unless its arguments hold
+/// them) is parsed as is, with no copy.
 pub struct PythonJson<'a> {
     text: std::borrow::Cow<'a, [u8]>,
     marker: Option<String>,
 }
 
-/// A token [`PythonJson`] replaces, and where.
-struct Special {
-    start: usize,
-    end: usize,
-    tag: String,
+/// What [`scan`] reports.
+enum Token<'t> {
+    /// A token to replace: its byte range and tag (`nan`, `inf`, `-inf`, digits).
+    Special(usize, usize, &'t str),
+    /// A string token written with escapes (only those can spell a marker).
+    EscapedString(&'t [u8]),
 }
 
 impl<'a> PythonJson<'a> {
     /// Scans `bytes` (cheap when there is nothing to replace: no copy).
     pub fn new(bytes: &'a [u8]) -> Self {
-        let (specials, escaped_strings) = scan(bytes);
-        if specials.is_empty() {
+        let mut specials = 0usize;
+        let mut taken = std::collections::BTreeSet::new();
+        scan(bytes, |t| match t {
+            Token::Special(..) => specials += 1,
+            Token::EscapedString(raw) => {
+                if let Some(n) = marker_number(raw) {
+                    taken.insert(n);
+                }
+            }
+        });
+        if specials == 0 {
             return PythonJson {
                 text: std::borrow::Cow::Borrowed(bytes),
                 marker: None,
             };
         }
-        // Only a string written with escapes can spell a marker (U+0001 must
-        // be escaped in JSON); pick the first marker none of them spells.
-        let spelled: Vec<String> = escaped_strings
-            .iter()
-            .filter_map(|&(a, b)| serde_json::from_slice::<String>(&bytes[a..b]).ok())
-            .collect();
-        let marker = (0u64..)
-            .map(|n| format!("\u{1}omw-nonfinite-{n}"))
-            .find(|m| !spelled.iter().any(|s| s == m))
-            .unwrap_or_default();
-        let key = serde_json::Value::String(marker.clone()).to_string();
-        let mut out = Vec::with_capacity(bytes.len() + specials.len() * (key.len() + 16));
+        let n = (0u64..).find(|n| !taken.contains(n)).unwrap_or_default();
+        let marker = format!("\u{1}{n}:");
+        let mut out = Vec::with_capacity(bytes.len() + specials * 16);
         let mut at = 0;
-        for s in &specials {
-            out.extend_from_slice(&bytes[at..s.start]);
-            out.push(b'{');
-            out.extend_from_slice(key.as_bytes());
-            out.extend_from_slice(b":\"");
-            out.extend_from_slice(s.tag.as_bytes());
-            out.extend_from_slice(b"\"}");
-            at = s.end;
-        }
+        scan(bytes, |t| {
+            if let Token::Special(start, end, tag) = t {
+                out.extend_from_slice(&bytes[at..start]);
+                out.extend_from_slice(b"\"\\u0001");
+                out.extend_from_slice(n.to_string().as_bytes());
+                out.push(b':');
+                out.extend_from_slice(tag.as_bytes());
+                out.push(b'"');
+                at = end;
+            }
+        });
         out.extend_from_slice(&bytes[at..]);
         PythonJson {
             text: std::borrow::Cow::Owned(out),
             marker: Some(marker),
         }
+    }
+
+    /// Refuses an object key that stands for a replaced token (see
+    /// [`from_json`]); for callers that read objects key by key.
+    pub fn check_key(&self, key: &str) -> Result<(), JsonError> {
+        key_not_replaced(key, self.marker.as_deref())
     }
 
     /// The text to hand to serde_json.
@@ -130,12 +142,22 @@ impl<'a> PythonJson<'a> {
     }
 }
 
-/// Finds the tokens [`PythonJson`] replaces, and the spans of string tokens
-/// written with escapes. Invalid JSON is left for serde_json to report: this
-/// only has to find strings and number/name tokens correctly in valid text.
-fn scan(b: &[u8]) -> (Vec<Special>, Vec<(usize, usize)>) {
-    let mut specials = Vec::new();
-    let mut escaped = Vec::new();
+/// `n` when the escaped string token `raw` (quotes included) decodes to text
+/// starting with a marker `U+0001 n :`.
+fn marker_number(raw: &[u8]) -> Option<u64> {
+    // U+0001 can only be written as this escape in valid JSON.
+    if !raw.windows(6).any(|w| w == b"\\u0001") {
+        return None;
+    }
+    let text: String = serde_json::from_slice(raw).ok()?;
+    let (n, _) = text.strip_prefix('\u{1}')?.split_once(':')?;
+    n.parse().ok()
+}
+
+/// Walks `b`, reporting the tokens [`PythonJson`] replaces and the string
+/// tokens written with escapes. Invalid JSON is left for serde_json to report:
+/// this only has to find strings and number/name tokens correctly in valid text.
+fn scan(b: &[u8], mut report: impl FnMut(Token<'_>)) {
     let mut i = 0;
     while i < b.len() {
         match b[i] {
@@ -152,19 +174,19 @@ fn scan(b: &[u8]) -> (Vec<Special>, Vec<(usize, usize)>) {
                 }
                 i = (i + 1).min(b.len());
                 if has_escape {
-                    escaped.push((start, i));
+                    report(Token::EscapedString(&b[start..i]));
                 }
             }
             b'N' if b[i..].starts_with(b"NaN") => {
-                specials.push(special(i, i + 3, "nan"));
+                report(Token::Special(i, i + 3, "nan"));
                 i += 3;
             }
             b'I' if b[i..].starts_with(b"Infinity") => {
-                specials.push(special(i, i + 8, "inf"));
+                report(Token::Special(i, i + 8, "inf"));
                 i += 8;
             }
             b'-' if b[i..].starts_with(b"-Infinity") => {
-                specials.push(special(i, i + 9, "-inf"));
+                report(Token::Special(i, i + 9, "-inf"));
                 i += 9;
             }
             b'-' | b'0'..=b'9' => {
@@ -174,20 +196,11 @@ fn scan(b: &[u8]) -> (Vec<Special>, Vec<(usize, usize)>) {
                     i += 1;
                 }
                 if let Some(tag) = number_tag(&b[start..i]) {
-                    specials.push(special(start, i, &tag));
+                    report(Token::Special(start, i, tag));
                 }
             }
             _ => i += 1,
         }
-    }
-    (specials, escaped)
-}
-
-fn special(start: usize, end: usize, tag: &str) -> Special {
-    Special {
-        start,
-        end,
-        tag: tag.to_owned(),
     }
 }
 
@@ -195,7 +208,7 @@ fn special(start: usize, end: usize, tag: &str) -> Special {
 /// a float literal that overflows (Python's `float()` gives ±inf), or a valid
 /// JSON integer outside `i64`/`u64` (Python keeps it exact). `None` for every
 /// other token, malformed ones included (serde_json reports those).
-fn number_tag(tok: &[u8]) -> Option<String> {
+fn number_tag(tok: &[u8]) -> Option<&str> {
     let text = std::str::from_utf8(tok).ok()?;
     if !is_json_number(tok) {
         return None;
@@ -204,9 +217,9 @@ fn number_tag(tok: &[u8]) -> Option<String> {
         let f: f64 = text.parse().ok()?;
         return f
             .is_infinite()
-            .then(|| if f > 0.0 { "inf" } else { "-inf" }.to_owned());
+            .then_some(if f > 0.0 { "inf" } else { "-inf" });
     }
-    (text.parse::<i64>().is_err() && text.parse::<u64>().is_err()).then(|| text.to_owned())
+    (text.parse::<i64>().is_err() && text.parse::<u64>().is_err()).then_some(text)
 }
 
 /// JSON's number grammar (Python's `NUMBER_RE`):
@@ -254,7 +267,9 @@ fn from_json_at(
         serde_json::Value::Null => Value::None,
         serde_json::Value::Bool(b) => Value::Bool(*b),
         serde_json::Value::Number(n) => number(n),
-        serde_json::Value::String(s) => Value::Str(s.clone()),
+        serde_json::Value::String(s) => {
+            replaced_token(s, marker).unwrap_or_else(|| Value::Str(s.clone()))
+        }
         serde_json::Value::Array(items) => Value::List(
             items
                 .iter()
@@ -262,28 +277,36 @@ fn from_json_at(
                 .collect::<Result<_, _>>()?,
         ),
         serde_json::Value::Object(map) => {
-            if let Some(w) = replaced_token(map, marker) {
-                return Ok(w);
-            }
-            if let Some(w) = unwrap_kombu(map)? {
+            if let Some(w) = unwrap_kombu(map, marker)? {
                 return Ok(w);
             }
             Value::Dict(
                 map.iter()
-                    .map(|(k, v)| Ok((Value::Str(k.clone()), from_json_at(v, depth + 1, marker)?)))
+                    .map(|(k, v)| {
+                        key_not_replaced(k, marker)?;
+                        Ok((Value::Str(k.clone()), from_json_at(v, depth + 1, marker)?))
+                    })
                     .collect::<Result<_, JsonError>>()?,
             )
         }
     })
 }
 
-/// A `{MARKER: tag}` object [`PythonJson`] put in place of a token.
-fn replaced_token(map: &Map<String, serde_json::Value>, marker: Option<&str>) -> Option<Value> {
-    let marker = marker?;
-    if map.len() != 1 {
-        return None;
+/// An object key that is a replaced token was a bare `NaN`/number in key
+/// position, which Python's json refuses ("Expecting property name enclosed in
+/// double quotes"); no input string can start with the marker.
+fn key_not_replaced(key: &str, marker: Option<&str>) -> Result<(), JsonError> {
+    match marker {
+        Some(m) if key.starts_with(m) => Err(JsonError::Syntax(
+            "expecting property name enclosed in double quotes".into(),
+        )),
+        _ => Ok(()),
     }
-    let tag = map.get(marker)?.as_str()?;
+}
+
+/// A `"<MARKER>tag"` string [`PythonJson`] put in place of a token.
+fn replaced_token(s: &str, marker: Option<&str>) -> Option<Value> {
+    let tag = s.strip_prefix(marker?)?;
     Some(match tag {
         "nan" => Value::Float(f64::NAN),
         "inf" => Value::Float(f64::INFINITY),
@@ -309,16 +332,39 @@ fn bad(kind: &str, reason: impl Into<String>) -> JsonError {
     }
 }
 
-fn unwrap_kombu(map: &Map<String, serde_json::Value>) -> Result<Option<Value>, JsonError> {
+fn unwrap_kombu(
+    map: &Map<String, serde_json::Value>,
+    marker: Option<&str>,
+) -> Result<Option<Value>, JsonError> {
     if map.len() != 2 {
         return Ok(None);
     }
     let (Some(kind), Some(value)) = (map.get("__type__"), map.get("__value__")) else {
         return Ok(None);
     };
-    let kind = kind
-        .as_str()
-        .ok_or_else(|| bad("?", "__type__ is not a string"))?;
+    let replaced = |v: &serde_json::Value| v.as_str().and_then(|s| replaced_token(s, marker));
+    let kind = match kind.as_str() {
+        Some(k) if replaced(&serde_json::Value::from(k)).is_none() => k,
+        _ => return Err(bad("?", "__type__ is not a string")),
+    };
+    // A NaN/Infinity/big-integer token as the value: Python's `Decimal(x)`
+    // takes it (Decimal('NaN')); every other wrapper wants a string.
+    if let Some(token) = replaced(value) {
+        return match (kind, token) {
+            ("decimal", Value::Float(f)) => Ok(Some(Value::Decimal(
+                if f.is_nan() {
+                    "NaN"
+                } else if f > 0.0 {
+                    "Infinity"
+                } else {
+                    "-Infinity"
+                }
+                .to_owned(),
+            ))),
+            ("decimal", Value::BigInt(digits)) => Ok(Some(Value::Decimal(digits))),
+            _ => Err(bad(kind, "__value__ is not a string")),
+        };
+    }
     let text = || {
         value
             .as_str()
@@ -698,6 +744,29 @@ mod tests {
         for bad in ["[nan]", "[-NaN]", "[1.e5]", "[01]", "[Infinit]"] {
             assert!(decode(bad.as_bytes()).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn python_tokens_inside_kombu_wrappers() {
+        // kombu.utils.json.loads gives Decimal('NaN') / Decimal('<digits>'), and
+        // refuses a non-string datetime or a NaN __type__.
+        let v = decode(br#"[{"__type__": "decimal", "__value__": NaN}, {"__type__": "decimal", "__value__": 123456789012345678901234567890}]"#)
+            .expect("decodes");
+        assert_eq!(
+            v,
+            Value::List(vec![
+                Value::Decimal("NaN".into()),
+                Value::Decimal("123456789012345678901234567890".into())
+            ])
+        );
+        assert!(decode(br#"{"__type__": "datetime", "__value__": NaN}"#).is_err());
+        assert!(decode(br#"{"__type__": NaN, "__value__": 1}"#).is_err());
+    }
+
+    #[test]
+    fn a_marker_spelled_by_the_input_is_never_taken() {
+        let v = decode(br#"["\u00010:nan", "\u00011:inf", NaN]"#).expect("decodes");
+        assert_eq!(v.repr(), "['\\x010:nan', '\\x011:inf', nan]");
     }
 
     #[test]
