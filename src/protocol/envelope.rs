@@ -293,8 +293,12 @@ pub fn build(msg: &Outgoing, exchange: &str, routing_key: &str, delivery_tag: &s
 /// Like kombu, a missing `headers`/`delivery_info` object is skipped rather
 /// than created. Text that is not a JSON object is returned unchanged, so a
 /// restore never destroys a message it cannot read.
+///
+/// The envelope is Python JSON: `NaN`/`Infinity` tokens in it (a float header)
+/// are read and written back as they were ([`PythonJson`]).
 pub fn mark_redelivered(envelope_json: &str) -> String {
-    let Ok(Json::Object(mut env)) = serde_json::from_str::<Json>(envelope_json) else {
+    let text = PythonJson::new(envelope_json.as_bytes());
+    let Ok(Json::Object(mut env)) = serde_json::from_slice::<Json>(text.bytes()) else {
         return envelope_json.to_owned();
     };
     // kombu: `payload['headers']['redelivered'] = True` then the delivery
@@ -303,14 +307,14 @@ pub fn mark_redelivered(envelope_json: &str) -> String {
         Some(Json::Object(h)) => {
             h.insert("redelivered".into(), Json::Bool(true));
         }
-        _ => return Json::Object(env).to_string(),
+        _ => return text.dumps(&Json::Object(env)),
     }
     if let Some(Json::Object(p)) = env.get_mut("properties") {
         if let Some(Json::Object(d)) = p.get_mut("delivery_info") {
             d.insert("redelivered".into(), Json::Bool(true));
         }
     }
-    Json::Object(env).to_string()
+    text.dumps(&Json::Object(env))
 }
 
 /// The `properties.priority` of an envelope clamped to 0..=9, as kombu's
@@ -509,6 +513,23 @@ mod tests {
         assert_eq!(p["delivery_info"]["exchange"], "ex");
         assert_eq!(v["body"], "WzFd");
         assert_eq!(v["headers"], serde_json::json!({}));
+    }
+
+    #[test]
+    fn mark_redelivered_keeps_python_json_tokens() {
+        let env = r#"{"body": "W1tdLCB7fSwge31d", "content-type": "application/json", "headers": {"id": "n1", "x": [NaN, -Infinity, 123456789012345678901234567890, "\u00010:nan"]}, "properties": {"delivery_info": {"exchange": "", "routing_key": "q"}, "delivery_tag": "t1"}}"#;
+        let marked = mark_redelivered(env);
+        assert!(
+            marked.contains(r#""x":[NaN,-Infinity,123456789012345678901234567890,"\u00010:nan"]"#),
+            "{marked}"
+        );
+        let (raw, tag) = parse(marked.as_bytes()).expect("still a kombu envelope");
+        assert_eq!(tag, "t1");
+        assert!(raw.redelivered);
+        assert_eq!(
+            raw.headers.get("x").map(Value::repr).as_deref(),
+            Some("[nan, -inf, 123456789012345678901234567890, '\\x010:nan']")
+        );
     }
 
     #[test]

@@ -130,6 +130,17 @@ impl<'a> PythonJson<'a> {
         key_not_replaced(key, self.marker.as_deref())
     }
 
+    /// `v` (parsed from [`Self::bytes`], possibly changed) as JSON text with
+    /// the replaced tokens written back as Python wrote them (`NaN`,
+    /// `Infinity`, `-Infinity`, the integer's digits), compact. For a caller
+    /// that edits a Python-JSON document and stores it again (the Redis
+    /// restore marking an envelope redelivered).
+    pub fn dumps(&self, v: &serde_json::Value) -> String {
+        let mut out = String::new();
+        write_python(v, self.marker.as_deref(), &mut out);
+        out
+    }
+
     /// The text to hand to serde_json.
     pub fn bytes(&self) -> &[u8] {
         &self.text
@@ -139,6 +150,41 @@ impl<'a> PythonJson<'a> {
     /// putting the replaced tokens back.
     pub fn to_value(&self, v: &serde_json::Value) -> Result<Value, JsonError> {
         from_json_at(v, 0, self.marker.as_deref())
+    }
+}
+
+fn write_python(v: &serde_json::Value, marker: Option<&str>, out: &mut String) {
+    match v {
+        serde_json::Value::String(s) => match marker.and_then(|m| s.strip_prefix(m)) {
+            Some("nan") => out.push_str("NaN"),
+            Some("inf") => out.push_str("Infinity"),
+            Some("-inf") => out.push_str("-Infinity"),
+            Some(digits) => out.push_str(digits),
+            None => out.push_str(&v.to_string()),
+        },
+        serde_json::Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_python(item, marker, out);
+            }
+            out.push(']');
+        }
+        serde_json::Value::Object(map) => {
+            out.push('{');
+            for (i, (k, item)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&serde_json::Value::from(k.as_str()).to_string());
+                out.push(':');
+                write_python(item, marker, out);
+            }
+            out.push('}');
+        }
+        other => out.push_str(&other.to_string()),
     }
 }
 

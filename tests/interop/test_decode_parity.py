@@ -137,3 +137,27 @@ def test_nbformat3_notebook_job_runs(broker, worker, client_factory, q, mongo):
         assert w.alive()
     finally:
         mc.close()
+
+
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_nan_header_message_is_restored_after_sigkill(broker, worker, client_factory, q, check_ping):
+    """A Redis envelope with `NaN` in its headers held unacked by a worker that is SIGKILLed is restored
+    by the next worker's visibility sweep (it used to be 'not [envelope, exchange, routing_key]; left in
+    place' forever) and runs once, with the redelivered mark kombu's restore sets."""
+    import datetime
+    import time
+
+    w1 = worker(broker.url, [q], concurrency=1)
+    client = client_factory(broker.url)
+    eta = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=6)
+    body = json.dumps([[1, 2], {"a": 1}, EMBED]).encode()
+    tid, res = client.publish_raw(q, body, content_type="application/json", content_encoding="utf-8",
+                                  headers={"x-score": float("nan"), "eta": eta.isoformat()})
+    wait_until(lambda: broker.queue_state(q) == {"exists": False, "ready": 0, "unacked": 1}, 15,
+               f"the ETA message of {q} held unacked by the first worker")
+    w1.kill()
+    time.sleep(max(0.0, (eta - datetime.datetime.now(datetime.timezone.utc)).total_seconds() + 0.5))
+    w2 = worker(broker.url, [q], concurrency=1, extra=["--visibility-timeout", "2", "--restore-interval", "1"])
+    check_ping(res.get(timeout=60), w2.nodename)
+    _drained(broker, q)
+    assert "left in place" not in w2.log(), w2.log_tail()
