@@ -22,7 +22,7 @@ use base64::Engine as _;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value as Json};
 
-use super::json::{to_json, JsonError, PythonJson};
+use super::json::{JsonError, PythonJson};
 use super::message::{Headers, Outgoing, RawMessage};
 use super::value::Value;
 
@@ -241,12 +241,13 @@ pub fn salvage(bytes: &[u8], error: &EnvelopeError) -> Option<RawMessage> {
 /// `priority` is always present (0 by default).
 pub fn build(msg: &Outgoing, exchange: &str, routing_key: &str, delivery_tag: &str) -> String {
     let body = base64::engine::general_purpose::STANDARD.encode(&msg.body);
-    let headers = Json::Object(
+    // Written as kombu's json.dumps writes them (a NaN/Infinity header as its token).
+    let headers = super::json::encode(&Value::Dict(
         msg.headers
             .iter()
-            .map(|(k, v)| (k.clone(), to_json(v)))
+            .map(|(k, v)| (Value::Str(k.clone()), v.clone()))
             .collect(),
-    );
+    ));
     let mut props = Vec::with_capacity(8);
     if let Some(c) = &msg.correlation_id {
         props.push(("correlation_id", Json::String(c.clone())));
@@ -266,7 +267,7 @@ pub fn build(msg: &Outgoing, exchange: &str, routing_key: &str, delivery_tag: &s
     out.push_str(", \"content-type\": ");
     out.push_str(&json_text(&Json::String(msg.content_type.clone())));
     out.push_str(", \"headers\": ");
-    out.push_str(&json_text(&headers));
+    out.push_str(&String::from_utf8_lossy(&headers));
     out.push_str(", \"properties\": {");
     for (k, v) in props {
         out.push_str(&json_text(&Json::String(k.to_owned())));
@@ -513,6 +514,26 @@ mod tests {
         assert_eq!(p["delivery_info"]["exchange"], "ex");
         assert_eq!(v["body"], "WzFd");
         assert_eq!(v["headers"], serde_json::json!({}));
+    }
+
+    #[test]
+    fn build_writes_non_finite_headers_as_python_tokens() {
+        let mut msg = Outgoing {
+            body: b"[[], {}, {}]".to_vec(),
+            content_type: "application/json".into(),
+            content_encoding: "utf-8".into(),
+            ..Outgoing::default()
+        };
+        msg.headers.insert("id".into(), Value::from("b1"));
+        msg.headers
+            .insert("x".into(), Value::List(vec![Value::Float(f64::NAN)]));
+        let built = build(&msg, "", "q", "t1");
+        assert!(built.contains(r#""x":[NaN]"#), "{built}");
+        let (raw, _) = parse(built.as_bytes()).expect("parses back");
+        assert_eq!(
+            raw.headers.get("x").map(Value::repr).as_deref(),
+            Some("[nan]")
+        );
     }
 
     #[test]
