@@ -496,7 +496,35 @@ fn corpus() -> Vec<(&'static str, RawMessage, Check)> {
                 Value::from("application/x-bz2"),
             ),
             Box::new(|e| {
-                matches!(e, DecodeError::UnsupportedCompression(m) if m.contains("application/x-bz2"))
+                matches!(
+                    e,
+                    DecodeError::Decompress(CompressionError::Corrupt { kind: "bzip2", .. })
+                ) && e.class() == ErrorClass::Decode
+            }),
+        ),
+        (
+            "x-lzma header + garbage",
+            with_header(
+                raw(Some(JSON), b"\xfd7zXZ\0garbage".to_vec()),
+                "compression",
+                Value::from("application/x-lzma"),
+            ),
+            Box::new(|e| {
+                matches!(
+                    e,
+                    DecodeError::Decompress(CompressionError::Corrupt { kind: "xz", .. })
+                )
+            }),
+        ),
+        (
+            "brotli compression header (not installed for kombu either)",
+            with_header(
+                raw(Some(JSON), b"\x0b\x02\x80hello\x03".to_vec()),
+                "compression",
+                Value::from("application/x-brotli"),
+            ),
+            Box::new(|e| {
+                matches!(e, DecodeError::UnsupportedCompression(m) if m.contains("application/x-brotli"))
                     && e.class() == ErrorClass::ContentDisallowed
             }),
         ),
@@ -597,11 +625,11 @@ fn corpus() -> Vec<(&'static str, RawMessage, Check)> {
             Box::new(bad_field("timelimit")),
         ),
         (
-            "timelimit NaN",
+            "timelimit -inf (NaN and +inf are no limit, as in Celery)",
             with_header(
                 raw(Some(JSON), json_body("[]", "{}", EMBED)),
                 "timelimit",
-                Value::List(vec![Value::Float(f64::NAN), Value::None]),
+                Value::List(vec![Value::Float(f64::NEG_INFINITY), Value::None]),
             ),
             Box::new(bad_field("timelimit")),
         ),

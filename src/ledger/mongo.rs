@@ -182,13 +182,14 @@ fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
 
 /// The message as the broker delivered it, enough to publish it again unchanged.
 fn message_doc(raw: &RawMessage) -> Document {
-    let headers = json::to_json(&crate::protocol::Value::Dict(
+    // json::encode keeps NaN/Infinity headers as Python's tokens (json::decode reads them back).
+    let headers = String::from_utf8_lossy(&json::encode(&crate::protocol::Value::Dict(
         raw.headers
             .iter()
             .map(|(k, v)| (crate::protocol::Value::Str(k.clone()), v.clone()))
             .collect(),
-    ))
-    .to_string();
+    )))
+    .into_owned();
     let opt = |s: &Option<String>| s.clone().map_or(Bson::Null, Bson::String);
     doc! {
         "body": Binary { subtype: BinarySubtype::Generic, bytes: raw.body.clone() },

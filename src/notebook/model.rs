@@ -226,10 +226,17 @@ impl Notebook {
         let Value::Object(mut map) = value else {
             return Err(NotebookError::Format("top level is not an object".into()));
         };
-        let nbformat = map
-            .remove("nbformat")
+        let mut nbformat = map
+            .get("nbformat")
             .and_then(|v| v.as_u64())
             .ok_or_else(|| NotebookError::Format("missing nbformat".into()))?;
+        if nbformat == 3 {
+            // nbformat.read(..., as_version=4) upgrades v3 on read (omega|ml's
+            // worker runs such notebooks), so the rest of this reads the v4 result.
+            upgrade_v3(&mut map)?;
+            nbformat = 4;
+        }
+        map.remove("nbformat");
         if nbformat != 4 {
             return Err(NotebookError::Format(format!(
                 "nbformat {nbformat} (only v4 is supported; convert with `jupyter nbconvert --to notebook`)"
@@ -340,6 +347,250 @@ impl Notebook {
             }
         }
     }
+}
+
+/// nbformat's v3 → v4 upgrade (`nbformat.v3.rwbase.rejoin_lines`, then
+/// `nbformat.v4.convert.upgrade`), in place on the top-level object: the cells
+/// of every worksheet in order, `input` → `source`, `prompt_number` →
+/// `execution_count`, `language` dropped and `collapsed` moved into the
+/// metadata, heading cells → markdown `#` lines and html cells → markdown,
+/// outputs `pyout` → `execute_result` and `pyerr` → `error` with their v3 keys
+/// (`text`, `png`, `html`, ...) moved under `data` as MIME types, `stream` →
+/// `name`. Every cell gets a fresh id and the notebook becomes 4.5, as nbformat
+/// makes it. A notebook nbformat cannot convert (no worksheet `cells`, a cell
+/// without `cell_type`, a code cell without `outputs`, undecodable
+/// `application/json` output) is refused with the reason.
+fn upgrade_v3(nb: &mut Map<String, Value>) -> Result<(), NotebookError> {
+    let bad = |why: String| NotebookError::Format(format!("nbformat 3 notebook: {why}"));
+    for key in ["orig_nbformat", "orig_nbformat_minor"] {
+        nb.remove(key);
+    }
+    if !nb.contains_key("metadata") {
+        return Err(bad(missing_key("metadata")));
+    }
+    let worksheets = match nb.remove("worksheets") {
+        None => Vec::new(),
+        Some(Value::Array(ws)) => ws,
+        Some(_) => return Err(bad("worksheets is not a list".into())),
+    };
+    let mut cells = Vec::new();
+    for ws in worksheets {
+        let Some(Value::Array(ws_cells)) = ws.get("cells").cloned() else {
+            return Err(bad(missing_key("cells")));
+        };
+        for cell in ws_cells {
+            let Value::Object(cell) = cell else {
+                return Err(bad("a cell is not an object".into()));
+            };
+            cells.push(Value::Object(upgrade_v3_cell(cell).map_err(bad)?));
+        }
+    }
+    nb.insert("cells".into(), Value::Array(cells));
+    if let Some(Value::Object(meta)) = nb.get_mut("metadata") {
+        for key in ["name", "signature"] {
+            meta.remove(key);
+        }
+    }
+    nb.insert("nbformat".into(), Value::from(4));
+    nb.insert("nbformat_minor".into(), Value::from(5));
+    Ok(())
+}
+
+/// nbformat's message for a key its conversion needs (`converter.convert`
+/// turns the `AttributeError` into this `ValidationError`).
+fn missing_key(key: &str) -> String {
+    format!("The notebook is invalid and is missing an expected key: {key}")
+}
+
+/// v3 `_join_lines`: a list written by `splitlines(True)` is concatenated, one
+/// written by `splitlines()` joined with newlines. Non-lists stay as they are.
+fn v3_join(value: &mut Value) {
+    if let Value::Array(lines) = value {
+        let Some(parts) = lines.iter().map(Value::as_str).collect::<Option<Vec<_>>>() else {
+            return;
+        };
+        let sep = match parts.first() {
+            Some(first) if first.ends_with('\n') || first.ends_with('\r') => "",
+            _ => "\n",
+        };
+        *value = Value::String(parts.join(sep));
+    }
+}
+
+/// `nbformat.v4.convert.upgrade_cell` (after v3 `rejoin_lines`).
+fn upgrade_v3_cell(mut cell: Map<String, Value>) -> Result<Map<String, Value>, String> {
+    let cell_type = match cell.get("cell_type") {
+        Some(Value::String(t)) => t.clone(),
+        _ => return Err(missing_key("cell_type")),
+    };
+    if !cell.get("metadata").is_some_and(Value::is_object) {
+        if cell.contains_key("metadata") {
+            return Err("cell metadata is not an object".into());
+        }
+        cell.insert("metadata".into(), Value::Object(Map::new()));
+    }
+    cell.insert("id".into(), Value::String(random_cell_id()));
+    match cell_type.as_str() {
+        "code" => {
+            if let Some(input) = cell.get_mut("input") {
+                v3_join(input);
+            }
+            cell.remove("language");
+            if let Some(collapsed) = cell.remove("collapsed") {
+                if let Some(Value::Object(meta)) = cell.get_mut("metadata") {
+                    meta.insert("collapsed".into(), collapsed);
+                }
+            }
+            let source = cell
+                .remove("input")
+                .unwrap_or_else(|| Value::String(String::new()));
+            cell.insert("source".into(), source);
+            let count = cell.remove("prompt_number").unwrap_or(Value::Null);
+            cell.insert("execution_count".into(), count);
+            let outputs = match cell.remove("outputs") {
+                Some(Value::Array(outs)) => outs,
+                Some(_) => return Err("cell outputs is not a list".into()),
+                None => return Err(missing_key("outputs")),
+            };
+            let outputs = outputs
+                .into_iter()
+                .map(upgrade_v3_output)
+                .collect::<Result<Vec<_>, _>>()?;
+            cell.insert("outputs".into(), Value::Array(outputs));
+        }
+        other => {
+            for key in ["source", "rendered"] {
+                if let Some(v) = cell.get_mut(key) {
+                    v3_join(v);
+                }
+            }
+            if other == "heading" {
+                let level = match cell.remove("level") {
+                    None => 1,
+                    Some(Value::Number(n)) if n.is_i64() => n.as_i64().unwrap_or(1),
+                    Some(v) => return Err(format!("heading level {v} is not an integer")),
+                };
+                let text = match cell.get("source") {
+                    None => String::new(),
+                    Some(Value::String(s)) => splitlines_keepends(s)
+                        .iter()
+                        .map(|l| strip_line_end(l))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    Some(_) => return Err("heading source is not a string".into()),
+                };
+                let hashes = "#".repeat(usize::try_from(level).unwrap_or(0));
+                cell.insert("cell_type".into(), Value::from("markdown"));
+                cell.insert("source".into(), Value::String(format!("{hashes} {text}")));
+            } else if other == "html" {
+                cell.insert("cell_type".into(), Value::from("markdown"));
+            }
+        }
+    }
+    Ok(cell)
+}
+
+/// A line from [`splitlines_keepends`] without its line break (`str.splitlines()`).
+fn strip_line_end(line: &str) -> &str {
+    line.strip_suffix("\r\n").unwrap_or_else(|| {
+        line.strip_suffix(|c: char| {
+            matches!(
+                c,
+                '\n' | '\r'
+                    | '\u{0b}'
+                    | '\u{0c}'
+                    | '\u{1c}'
+                    | '\u{1d}'
+                    | '\u{1e}'
+                    | '\u{85}'
+                    | '\u{2028}'
+                    | '\u{2029}'
+            )
+        })
+        .unwrap_or(line)
+    })
+}
+
+/// nbformat v4 `_mime_map`, in its order (`to_mime_key` renames in this order).
+const V3_MIME_MAP: [(&str, &str); 8] = [
+    ("text", "text/plain"),
+    ("html", "text/html"),
+    ("svg", "image/svg+xml"),
+    ("png", "image/png"),
+    ("jpeg", "image/jpeg"),
+    ("latex", "text/latex"),
+    ("json", "application/json"),
+    ("javascript", "application/javascript"),
+];
+
+fn to_mime_key(d: &mut Map<String, Value>) {
+    for (alias, mime) in V3_MIME_MAP {
+        if let Some(v) = d.remove(alias) {
+            d.insert(mime.into(), v);
+        }
+    }
+}
+
+/// `nbformat.v4.convert.upgrade_output` (after v3 `rejoin_lines`).
+fn upgrade_v3_output(output: Value) -> Result<Value, String> {
+    let Value::Object(mut out) = output else {
+        return Ok(output);
+    };
+    for key in ["text", "html", "svg", "latex", "javascript", "json"] {
+        if let Some(v) = out.get_mut(key) {
+            v3_join(v);
+        }
+    }
+    let output_type = match out.get("output_type") {
+        Some(Value::String(t)) => t.clone(),
+        _ => return Err("an output has no output_type".into()),
+    };
+    match output_type.as_str() {
+        "pyout" | "display_data" => {
+            if !out.contains_key("metadata") {
+                out.insert("metadata".into(), Value::Object(Map::new()));
+            }
+            if output_type == "pyout" {
+                out.insert("output_type".into(), Value::from("execute_result"));
+                let count = out.remove("prompt_number").unwrap_or(Value::Null);
+                out.insert("execution_count".into(), count);
+            }
+            let keys: Vec<String> = out
+                .keys()
+                .filter(|k| !matches!(k.as_str(), "output_type" | "execution_count" | "metadata"))
+                .cloned()
+                .collect();
+            let mut data = Map::new();
+            for k in keys {
+                if let Some(v) = out.remove(&k) {
+                    data.insert(k, v);
+                }
+            }
+            to_mime_key(&mut data);
+            if let Some(Value::Object(meta)) = out.get_mut("metadata") {
+                to_mime_key(meta);
+            }
+            if let Some(j) = data.get_mut("application/json") {
+                let Value::String(text) = j else {
+                    return Err("application/json output is not a string".into());
+                };
+                *j = serde_json::from_str(text)
+                    .map_err(|e| format!("application/json output is not JSON: {e}"))?;
+            }
+            out.insert("data".into(), Value::Object(data));
+        }
+        "pyerr" => {
+            out.insert("output_type".into(), Value::from("error"));
+        }
+        "stream" => {
+            let name = out
+                .remove("stream")
+                .unwrap_or_else(|| Value::from("stdout"));
+            out.insert("name".into(), name);
+        }
+        _ => {}
+    }
+    Ok(Value::Object(out))
 }
 
 /// nbformat's `random_cell_id`: 8 lowercase hex characters of a uuid4.

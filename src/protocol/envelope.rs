@@ -22,7 +22,7 @@ use base64::Engine as _;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value as Json};
 
-use super::json::{from_json, to_json, JsonError};
+use super::json::{JsonError, PythonJson};
 use super::message::{Headers, Outgoing, RawMessage};
 use super::value::Value;
 
@@ -51,8 +51,16 @@ pub enum EnvelopeError {
 /// when kombu's restore marked the envelope (`headers.redelivered`,
 /// `properties.delivery_info.redelivered`, or the top-level `redelivered` of
 /// non-emulated restores).
+///
+/// kombu's envelope is Python JSON, so `NaN`/`Infinity` in a header (a float
+/// argument of Celery's own, or an application header) is read as Python
+/// reads it ([`PythonJson`]) rather than refused.
 pub fn parse(bytes: &[u8]) -> Result<(RawMessage, String), EnvelopeError> {
-    let env = top_level(bytes)?;
+    let text = PythonJson::new(bytes);
+    let env = top_level(text.bytes())?;
+    if let Some(k) = env.keys().find(|k| text.check_key(k).is_err()) {
+        return Err(EnvelopeError::Syntax(format!("bare token as a key: {k:?}")));
+    }
     let empty = Map::new();
     let props = match env.get("properties") {
         Some(Json::Object(p)) => p,
@@ -90,7 +98,7 @@ pub fn parse(bytes: &[u8]) -> Result<(RawMessage, String), EnvelopeError> {
     {
         // kombu writes `headers or {}`; tolerate an explicit null.
         Some(b"null") => Headers::new(),
-        Some(h) if h.first() == Some(&b'{') => headers_from(h)?,
+        Some(h) if h.first() == Some(&b'{') => headers_from(h, &text)?,
         _ => return Err(EnvelopeError::Missing("headers")),
     };
 
@@ -164,13 +172,14 @@ fn top_level(bytes: &[u8]) -> Result<TopLevel, EnvelopeError> {
 /// recursion limit (128) becomes `None`, as the AMQP side cuts such field
 /// tables: Celery's own headers are flat, and an exotic extra header must not
 /// make the whole task unreadable.
-fn headers_from(raw: &[u8]) -> Result<Headers, EnvelopeError> {
+fn headers_from(raw: &[u8], text: &PythonJson<'_>) -> Result<Headers, EnvelopeError> {
     let fields: std::collections::BTreeMap<String, Box<RawValue>> =
         serde_json::from_slice(raw).map_err(|e| EnvelopeError::Syntax(format!("headers: {e}")))?;
     let mut headers = Headers::new();
     for (k, v) in fields {
+        text.check_key(&k)?;
         let value = match serde_json::from_str::<Json>(v.get()) {
-            Ok(j) => from_json(&j)?,
+            Ok(j) => text.to_value(&j)?,
             Err(e) if e.to_string().contains("recursion limit") => {
                 tracing::warn!(header = %k, "header nests deeper than 128 levels; read as None");
                 Value::None
@@ -188,7 +197,8 @@ fn headers_from(raw: &[u8]) -> Result<Headers, EnvelopeError> {
 /// silently. `None` when not even an id is readable. The message returned
 /// carries `transport_error` and an empty body.
 pub fn salvage(bytes: &[u8], error: &EnvelopeError) -> Option<RawMessage> {
-    let env = top_level(bytes).ok()?;
+    let text = PythonJson::new(bytes);
+    let env = top_level(text.bytes()).ok()?;
     let props = env.get("properties").and_then(Json::as_object);
     let prop = |k: &str| opt_string(props.and_then(|p| p.get(k)));
     let raw_fields: std::collections::BTreeMap<String, Box<RawValue>> = env
@@ -231,12 +241,13 @@ pub fn salvage(bytes: &[u8], error: &EnvelopeError) -> Option<RawMessage> {
 /// `priority` is always present (0 by default).
 pub fn build(msg: &Outgoing, exchange: &str, routing_key: &str, delivery_tag: &str) -> String {
     let body = base64::engine::general_purpose::STANDARD.encode(&msg.body);
-    let headers = Json::Object(
+    // Written as kombu's json.dumps writes them (a NaN/Infinity header as its token).
+    let headers = super::json::encode(&Value::Dict(
         msg.headers
             .iter()
-            .map(|(k, v)| (k.clone(), to_json(v)))
+            .map(|(k, v)| (Value::Str(k.clone()), v.clone()))
             .collect(),
-    );
+    ));
     let mut props = Vec::with_capacity(8);
     if let Some(c) = &msg.correlation_id {
         props.push(("correlation_id", Json::String(c.clone())));
@@ -256,7 +267,7 @@ pub fn build(msg: &Outgoing, exchange: &str, routing_key: &str, delivery_tag: &s
     out.push_str(", \"content-type\": ");
     out.push_str(&json_text(&Json::String(msg.content_type.clone())));
     out.push_str(", \"headers\": ");
-    out.push_str(&json_text(&headers));
+    out.push_str(&String::from_utf8_lossy(&headers));
     out.push_str(", \"properties\": {");
     for (k, v) in props {
         out.push_str(&json_text(&Json::String(k.to_owned())));
@@ -283,8 +294,12 @@ pub fn build(msg: &Outgoing, exchange: &str, routing_key: &str, delivery_tag: &s
 /// Like kombu, a missing `headers`/`delivery_info` object is skipped rather
 /// than created. Text that is not a JSON object is returned unchanged, so a
 /// restore never destroys a message it cannot read.
+///
+/// The envelope is Python JSON: `NaN`/`Infinity` tokens in it (a float header)
+/// are read and written back as they were ([`PythonJson`]).
 pub fn mark_redelivered(envelope_json: &str) -> String {
-    let Ok(Json::Object(mut env)) = serde_json::from_str::<Json>(envelope_json) else {
+    let text = PythonJson::new(envelope_json.as_bytes());
+    let Ok(Json::Object(mut env)) = serde_json::from_slice::<Json>(text.bytes()) else {
         return envelope_json.to_owned();
     };
     // kombu: `payload['headers']['redelivered'] = True` then the delivery
@@ -293,14 +308,14 @@ pub fn mark_redelivered(envelope_json: &str) -> String {
         Some(Json::Object(h)) => {
             h.insert("redelivered".into(), Json::Bool(true));
         }
-        _ => return Json::Object(env).to_string(),
+        _ => return text.dumps(&Json::Object(env)),
     }
     if let Some(Json::Object(p)) = env.get_mut("properties") {
         if let Some(Json::Object(d)) = p.get_mut("delivery_info") {
             d.insert("redelivered".into(), Json::Bool(true));
         }
     }
-    Json::Object(env).to_string()
+    text.dumps(&Json::Object(env))
 }
 
 /// The `properties.priority` of an envelope clamped to 0..=9, as kombu's
@@ -499,6 +514,43 @@ mod tests {
         assert_eq!(p["delivery_info"]["exchange"], "ex");
         assert_eq!(v["body"], "WzFd");
         assert_eq!(v["headers"], serde_json::json!({}));
+    }
+
+    #[test]
+    fn build_writes_non_finite_headers_as_python_tokens() {
+        let mut msg = Outgoing {
+            body: b"[[], {}, {}]".to_vec(),
+            content_type: "application/json".into(),
+            content_encoding: "utf-8".into(),
+            ..Outgoing::default()
+        };
+        msg.headers.insert("id".into(), Value::from("b1"));
+        msg.headers
+            .insert("x".into(), Value::List(vec![Value::Float(f64::NAN)]));
+        let built = build(&msg, "", "q", "t1");
+        assert!(built.contains(r#""x":[NaN]"#), "{built}");
+        let (raw, _) = parse(built.as_bytes()).expect("parses back");
+        assert_eq!(
+            raw.headers.get("x").map(Value::repr).as_deref(),
+            Some("[nan]")
+        );
+    }
+
+    #[test]
+    fn mark_redelivered_keeps_python_json_tokens() {
+        let env = r#"{"body": "W1tdLCB7fSwge31d", "content-type": "application/json", "headers": {"id": "n1", "x": [NaN, -Infinity, 123456789012345678901234567890, "\u00010:nan"]}, "properties": {"delivery_info": {"exchange": "", "routing_key": "q"}, "delivery_tag": "t1"}}"#;
+        let marked = mark_redelivered(env);
+        assert!(
+            marked.contains(r#""x":[NaN,-Infinity,123456789012345678901234567890,"\u00010:nan"]"#),
+            "{marked}"
+        );
+        let (raw, tag) = parse(marked.as_bytes()).expect("still a kombu envelope");
+        assert_eq!(tag, "t1");
+        assert!(raw.redelivered);
+        assert_eq!(
+            raw.headers.get("x").map(Value::repr).as_deref(),
+            Some("[nan, -inf, 123456789012345678901234567890, '\\x010:nan']")
+        );
     }
 
     #[test]

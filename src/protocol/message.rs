@@ -475,7 +475,10 @@ fn opt_time(f: &Fields, key: &str) -> Result<Option<DateTime<Utc>>, DecodeError>
 }
 
 /// One `timelimit` entry: seconds, `None`, or `0` (which Celery treats as
-/// "no limit": `time_limit or task.time_limit`).
+/// "no limit": `time_limit or task.time_limit`). NaN and +inf are no limit
+/// either: billiard's timer compares against `start + limit` and never fires
+/// for them, so the Python worker runs such a task unlimited (checked with
+/// `celery worker`, prefork); a negative or -inf limit stays refused.
 fn limit_value(v: &Value) -> Result<Option<f64>, DecodeError> {
     let secs = match v {
         Value::None => return Ok(None),
@@ -489,6 +492,9 @@ fn limit_value(v: &Value) -> Result<Option<f64>, DecodeError> {
             ))
         }
     };
+    if secs.is_nan() || secs == f64::INFINITY {
+        return Ok(None);
+    }
     if !secs.is_finite() || secs < 0.0 {
         return Err(DecodeError::BadField {
             field: "timelimit".to_owned(),

@@ -162,7 +162,9 @@ impl Shared {
             self.remove_unacked(tag).await?;
             return Ok(false);
         };
-        let parsed: Result<serde_json::Value, _> = serde_json::from_str(&stored);
+        // Python JSON: a NaN/Infinity header in the envelope must not make it unrestorable.
+        let text = crate::protocol::json::PythonJson::new(stored.as_bytes());
+        let parsed: Result<serde_json::Value, _> = serde_json::from_slice(text.bytes());
         let (payload, exchange, routing_key) = match parsed {
             Ok(serde_json::Value::Array(items)) if items.len() == 3 => {
                 let ex = items[1].as_str().unwrap_or_default().to_owned();
@@ -175,7 +177,7 @@ impl Shared {
                 )))
             }
         };
-        let marked = envelope::mark_redelivered(&payload.to_string());
+        let marked = envelope::mark_redelivered(&text.dumps(&payload));
         let priority = envelope::priority_of(&payload);
         let queues = self.lookup(&exchange, &routing_key).await?;
         if queues.is_empty() {
