@@ -299,6 +299,26 @@ mod tests {
     }
 
     #[test]
+    fn json_logs_escape_control_characters() {
+        let buf = Buf::default();
+        let out = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .json()
+            .with_writer(move || out.clone())
+            .finish();
+        let id = FORGED.to_owned();
+        tracing::subscriber::with_default(sub, || {
+            tracing::warn!(task_id = %id, "received {id}");
+        });
+        let bytes = buf.0.lock().map(|v| v.clone()).unwrap_or_default();
+        let log = String::from_utf8_lossy(&bytes).into_owned();
+        assert_eq!(log.lines().count(), 1, "{log}");
+        assert!(!log.contains('\x1b'), "{log:?}");
+        let v: serde_json::Value = serde_json::from_str(log.trim()).expect("one JSON object");
+        assert_eq!(v["fields"]["task_id"], FORGED);
+    }
+
+    #[test]
     fn long_values_are_truncated_with_their_length() {
         let id = "x".repeat(100_000);
         let log = capture(|| tracing::warn!(task_id = %id, "could not answer {id}"));
