@@ -34,6 +34,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mongo")
     ap.add_argument("-n", type=int, default=10)
+    ap.add_argument("--spare", action="store_true",
+                    help="each task runs in a spare child forked (and warmed up) ahead of it")
     opts = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="omw-trbench-"))
     port = None
@@ -85,9 +87,22 @@ def main():
                                                  "priority": 0, "redelivered": False}},
                    "result_serializer": "pickle", "result_dir": str(rdir)}
             (tmp / f"req{i}.json").write_text(json.dumps(req))
+            if opts.spare:
+                server.stdin.write((json.dumps({"op": "spare", "id": 1000 + i, "env": env,
+                                                "cwd": str(tmp), "hostname": "bench@host"})
+                                    + "\n").encode())
+                server.stdin.flush()
+                ev = events.get(timeout=30)
+                assert ev.get("event") == "forked", ev
+                spare_pid = ev["pid"]
+                time.sleep(1.0)  # idle worker: the spare is warm before the task arrives
             t0 = time.monotonic()
-            server.stdin.write((json.dumps({"op": "task", "id": i, "request": str(tmp / f"req{i}.json"),
-                                            "env": env, "cwd": str(tmp)}) + "\n").encode())
+            if opts.spare:
+                op = {"op": "go", "id": i, "pid": spare_pid, "request": str(tmp / f"req{i}.json")}
+            else:
+                op = {"op": "task", "id": i, "request": str(tmp / f"req{i}.json"), "env": env,
+                      "cwd": str(tmp)}
+            server.stdin.write((json.dumps(op) + "\n").encode())
             server.stdin.flush()
             outcome_s = None
             while True:

@@ -23,7 +23,7 @@ Why this is safe (isolation):
   (variables, module attributes, ``os.environ``, files descriptors) lives only in that task's
   child and dies with it;
 - the child calls ``setsid()`` (own session and process group, so om-worker can ``killpg`` it
-  and everything it spawns), resets signal handlers, reseeds ``random`` (and numpy's legacy
+  and everything it spawns), becomes the subreaper of its tree, resets signal handlers, reseeds ``random`` (and numpy's legacy
   global generator when numpy is loaded), closes the server's descriptors, applies env/cwd, and
   only then creates the kernel app: its ZeroMQ context and sockets are created after the fork.
 
@@ -39,6 +39,18 @@ printing to stdout cannot corrupt the protocol).
   <- {"event": "forked", "id": N, "pid": P}  |  {"event": "error", "id": N, "error": "..."}
      (the child runs one omega|ml Celery task: ``om_taskrunner.run_file(request)``, see
      om_taskrunner.py for the request and the outcome files; one child per task, never reused)
+  -> {"op": "spare", "id": N, "hostname": "...", "env": {...}, "cwd": "..."|null,
+      "rlimit_as": bytes|null}
+  <- {"event": "forked", "id": N, "pid": P}  |  {"event": "error", "id": N, "error": "..."}
+     (a task child forked ahead of its task: it prepares itself as for ``task`` and then runs
+     ``om_taskrunner.warm_up(hostname)`` -- Celery's worker-process init, the default omega|ml
+     instance and its MongoDB connection -- and waits on a pipe only the server holds; it has never
+     run a task. Unused, it exits 0 when the server exits or closes its pipe.)
+  -> {"op": "go", "id": N, "pid": P, "request": "<path of the task request JSON>"}
+  <- {"event": "started", "id": N, "pid": P}  |  {"event": "error", "id": N, "error": "..."}
+     (spare P runs that one task, then exits as a ``task`` child; a spare that died meanwhile,
+     or a pid that is not a waiting spare, is an error and nothing runs)
+  -> {"op": "retire", "id": N, "pid": P}     (spare P's pipe closed: it exits 0; no reply)
   -> {"op": "ping", "id": N}                 <- {"event": "pong", "id": N}
   <- {"event": "ready", "pid": ..., "preload": {"mod": null | "error text"}, "warnings": [...],
       "task_runner": null | "error text"}    (null: the `task` op is available)
@@ -53,8 +65,19 @@ it, 2: unusable request); its ``exit`` event is reported as for kernels.
 
 Lifetime: the server exits when its stdin reaches EOF (om-worker exited or dropped the server),
 on SIGTERM/SIGHUP, or when its parent changes; before exiting it SIGKILLs the process groups of
-all its live kernels. Kernels additionally get ``--IPKernelApp.parent_handle=<server pid>``, so
-ipykernel's parent poller ends them within about a second if the server dies by SIGKILL.
+all its live children. A child does not end with the server, though: a task can kill the server
+(``os.kill(os.getppid(), 9)``), and the tasks of the other slots must run on. Every child instead
+watches om-worker (the server's parent, ``_watch_owner``: a pidfd, or a 1 s poll when a task closed
+it) and SIGKILLs its own process group when om-worker is gone; kernels get no ipykernel parent
+poller (``parent_handle=1``). om-worker watches children that outlived their server until they
+end, and starts a new server for the next task.
+
+Nothing a task starts outlives it: each child is the subreaper of its own tree
+(``PR_SET_CHILD_SUBREAPER``), so what a task orphans -- ``start_new_session`` daemons, double
+forks -- stays below it, where om-worker's kill at the end of the task finds it (a tree walk, not
+only the process group); when the task's own process died first, its orphans are re-parented to the
+server (a subreaper too), which SIGKILLs every child it did not fork (``_kill_adopted``, on every
+SIGCHLD and at least once a second).
 
 Only the standard library and ipykernel are used (the task child also uses the preloaded
 omegaml/celery/kombu through om_taskrunner.py, loaded from this script's directory).
@@ -109,7 +132,15 @@ KERNEL_MODULES = [
 # The key of the task preload (``om_taskrunner.preload_for_fork``) in the ready event's "preload".
 TASK_PRELOAD = "om_taskrunner.preload_for_fork"
 
+_PR_SET_CHILD_SUBREAPER = 36
+_prctl = None  # libc's prctl (resolved once in main(), before any fork)
+_owner = None  # pid of the process that started the server (om-worker); children end with it
+
 _children = {}  # pid -> True while not reaped
+_spares = {}  # pid of a waiting spare task child -> the write end of its go pipe (only we hold it)
+
+#: longest request path a spare accepts on its go pipe
+_MAX_GO = 1 << 16
 _stop = False
 
 
@@ -170,11 +201,70 @@ def _reseed():
             pass
 
 
+def _subreaper():
+    """Makes this process the subreaper of its descendants: what they orphan (double forks,
+    ``start_new_session`` daemons) is re-parented here instead of to init, so it stays findable
+    (a task's process tree) and killable. Best effort (False: no prctl)."""
+    if _prctl is None:
+        return False
+    try:
+        return _prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except Exception:
+        return False
+
+
+def _watch_owner(owner):
+    """Ends this child's process group when ``owner`` (om-worker) is gone, whoever its parent is
+    by then: a child survives its fork server (a task may kill the server; the other slots' tasks
+    run on), never the worker. A pidfd when available (no polling), else a 1 s /proc poll."""
+    if not owner or owner <= 1:
+        return
+
+    def gone():
+        try:
+            os.killpg(0, signal.SIGKILL)
+        finally:
+            os._exit(1)
+
+    def run():
+        fd = None
+        try:
+            fd = os.pidfd_open(owner)
+        except ProcessLookupError:
+            gone()
+        except (AttributeError, OSError):
+            fd = None
+        while True:
+            if fd is not None:
+                try:
+                    select.select([fd], [], [])
+                    gone()
+                except (OSError, ValueError):  # the task closed our descriptor: poll instead
+                    fd = None
+            elif not os.path.exists("/proc/%d" % owner):
+                gone()
+            else:
+                time.sleep(1.0)
+
+    # a small stack: RLIMIT_AS (--kernel-memory-mb) counts every thread's stack reservation
+    try:
+        old = threading.stack_size(256 * 1024)
+    except (ValueError, RuntimeError):
+        old = None
+    try:
+        threading.Thread(target=run, name="om-owner-watch", daemon=True).start()
+    finally:
+        if old is not None:
+            threading.stack_size(old)
+
+
 def _prepare_child(req, close_fds):
-    """What every forked child (kernel or task) does first: own session, default signals, the
-    server's descriptors closed, stdin from /dev/null, the request's env/cwd/RLIMIT_AS, reseeded
-    random generators."""
+    """What every forked child (kernel or task) does first: own session, subreaper of its own
+    tree, ends with om-worker (not with the server), default signals, the server's descriptors
+    closed, stdin from /dev/null, the request's env/cwd/RLIMIT_AS, reseeded random generators."""
     os.setsid()
+    _subreaper()
+    _watch_owner(_owner)
     signal.set_wakeup_fd(-1)
     for s in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(s, signal.SIG_DFL)
@@ -316,9 +406,11 @@ def _cap_output_messages(session):
 
 def _kernel_body(launcher_file):
     def body(req):
-        os.environ["JPY_PARENT_PID"] = str(os.getppid())
+        os.environ["JPY_PARENT_PID"] = str(_owner or os.getppid())
         args = [str(a) for a in req.get("argv") or []]
-        args.append("--IPKernelApp.parent_handle=%d" % os.getppid())
+        # no parent poller: the kernel outlives its fork server (see _watch_owner, which ends it
+        # with om-worker); 1 also keeps ipykernel from printing its connection banner
+        args.append("--IPKernelApp.parent_handle=1")
         sys.argv = [launcher_file] + args
         from ipykernel import kernelapp
 
@@ -333,6 +425,9 @@ def _kernel_body(launcher_file):
 
 def _task_body(runner):
     def body(req):
+        # ends with om-worker through _watch_owner, not with the fork server (Celery's pool
+        # children get PR_SET_PDEATHSIG for their worker, which is their parent; ours is not)
+        runner.OWNER_WATCHED = True
         sys.argv = [getattr(runner, "__file__", None) or "om_taskrunner"]
         code = runner.run_file(req["request"])
         # The outcome is written and every MongoDB write of the task acknowledged: what atexit
@@ -344,6 +439,43 @@ def _task_body(runner):
             except BaseException:
                 pass
         os._exit(code & 0xFF if isinstance(code, int) and code >= 0 else 1)
+
+    return body
+
+
+def _read_go(fd):
+    """The request path the server sends a spare, or None when its pipe closed first."""
+    data = b""
+    while b"\n" not in data and len(data) < _MAX_GO:
+        try:
+            chunk = os.read(fd, 4096)
+        except InterruptedError:
+            continue
+        if not chunk:
+            return None
+        data += chunk
+    line = data.split(b"\n", 1)[0]
+    return os.fsdecode(line) if line else None
+
+
+def _spare_body(runner, go_fd):
+    """A task child forked ahead of its task: the part of every task that does not depend on the
+    task (``om_taskrunner.warm_up``) runs now, then it waits for its one request."""
+    task_body = _task_body(runner)
+
+    def body(req):
+        sys.argv = [getattr(runner, "__file__", None) or "om_taskrunner"]
+        runner.OWNER_WATCHED = True  # see _task_body
+        try:
+            runner.warm_up(req.get("hostname") if isinstance(req.get("hostname"), str) else None)
+        except BaseException:  # the task does it itself, as a cold child would
+            traceback.print_exc()
+        path = _read_go(go_fd)
+        os.close(go_fd)
+        if path is None:
+            # never used (the server exits or retired it): nothing to flush or clean up
+            os._exit(0)
+        return task_body({"request": path})
 
     return body
 
@@ -370,12 +502,59 @@ def _reap(out_fd):
             continue
         if pid == 0:
             return
-        _children.pop(pid, None)
+        if _children.pop(pid, None) is None:
+            continue  # an adopted orphan of some task (see _kill_adopted)
+        go = _spares.pop(pid, None)
+        if go is not None:
+            os.close(go)
         usage = {"cpu_s": round(ru.ru_utime + ru.ru_stime, 6), "maxrss_kb": ru.ru_maxrss}
         if os.WIFSIGNALED(status):
             _write(out_fd, {"event": "exit", "pid": pid, "signal": os.WTERMSIG(status), **usage})
         elif os.WIFEXITED(status):
             _write(out_fd, {"event": "exit", "pid": pid, "code": os.WEXITSTATUS(status), **usage})
+
+
+def _go(out_fd, rid, req):
+    """``go``: hands a waiting spare its request path; the spare then runs that task."""
+    pid = req.get("pid")
+    path = req.get("request")
+    if not isinstance(path, str) or not path or "\n" in path:
+        _write(out_fd, {"event": "error", "id": rid, "error": "go: 'request' must be a file path"})
+        return
+    go = _spares.pop(pid, None) if isinstance(pid, int) else None
+    if go is None:
+        _write(out_fd, {"event": "error", "id": rid, "error": "go: no waiting spare %r" % (pid,)})
+        return
+    data = (os.path.abspath(path) + "\n").encode()
+    try:
+        while data:
+            try:
+                data = data[os.write(go, data):]
+            except InterruptedError:
+                continue
+    except OSError as e:  # the spare died since (its exit event follows)
+        _write(out_fd, {"event": "error", "id": rid, "error": "go: spare %d is gone: %s" % (pid, e)})
+        return
+    finally:
+        os.close(go)
+    _write(out_fd, {"event": "started", "id": rid, "pid": pid})
+
+
+def _kill_adopted():
+    """SIGKILLs every child of the server it did not fork: processes a task left behind after its
+    own process had ended (re-parented here, the server being their subreaper). A task's
+    processes end with the task."""
+    try:
+        with open("/proc/self/task/%d/children" % os.getpid()) as f:
+            pids = [int(p) for p in f.read().split()]
+    except (OSError, ValueError):
+        return
+    for pid in pids:
+        if pid not in _children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def _on_term(signum, frame):
@@ -400,6 +579,15 @@ def main():
     os.set_inheritable(out_fd, False)
     os.dup2(2, 1)
     parent = os.getppid()
+    global _owner, _prctl
+    _owner = parent
+    try:
+        import ctypes
+
+        _prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        _prctl = None
+    _subreaper()
 
     try:
         from ipykernel import kernelapp  # noqa: F401  (the part every kernel needs)
@@ -487,6 +675,7 @@ def main():
                 except BlockingIOError:
                     pass
             _reap(out_fd)
+            _kill_adopted()
             if os.getppid() != parent:
                 break
             if 0 not in readable:
@@ -513,13 +702,23 @@ def main():
                 op = req.get("op")
                 if op == "ping":
                     _write(out_fd, {"event": "pong", "id": rid})
-                elif op in ("fork", "task"):
+                elif op == "go":
+                    _go(out_fd, rid, req)
+                elif op == "retire":
+                    go = _spares.pop(req.get("pid"), None)
+                    if go is not None:
+                        os.close(go)
+                elif op in ("fork", "task", "spare"):
+                    go_r = None
                     if op == "fork":
                         body = kernel_body
                     elif runner is None:
                         _write(out_fd, {"event": "error", "id": rid,
                                         "error": "task runner unavailable: %s" % runner_error})
                         continue
+                    elif op == "spare":
+                        go_r, go_w = os.pipe()  # both ends close-on-exec
+                        body = _spare_body(runner, go_r)
                     elif not isinstance(req.get("request"), str) or not req["request"]:
                         _write(out_fd, {"event": "error", "id": rid,
                                         "error": "task: 'request' must be a file path"})
@@ -530,13 +729,24 @@ def main():
                         body = task_body
                     for stream in (sys.stdout, sys.stderr):
                         stream.flush()
+                    # every child closes the server's descriptors, the other spares' go pipes
+                    # included: no task can start a task in a sibling
+                    close_fds = [out_fd, rfd, wfd] + list(_spares.values())
+                    if go_r is not None:
+                        close_fds.append(go_w)
                     try:
                         pid = os.fork()
                     except OSError as e:
+                        if go_r is not None:
+                            os.close(go_r)
+                            os.close(go_w)
                         _write(out_fd, {"event": "error", "id": rid, "error": "fork: %s" % e})
                         continue
                     if pid == 0:
-                        _run_child(req, [out_fd, rfd, wfd], body)
+                        _run_child(req, close_fds, body)
+                    if go_r is not None:
+                        os.close(go_r)
+                        _spares[pid] = go_w
                     _children[pid] = True
                     _write(out_fd, {"event": "forked", "id": rid, "pid": pid})
                 else:

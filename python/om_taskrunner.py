@@ -98,6 +98,7 @@ import os
 import signal
 import sys
 import time
+import threading
 import traceback
 import uuid as uuid_mod
 
@@ -395,10 +396,11 @@ def _init_worker_process(app, hostname):
     from celery._state import _set_task_join_will_block, set_default_app
     from celery.app import trace as trace_mod
 
-    # ends with the fork server, as a pool child with its worker (prctl(PR_SET_PDEATHSIG, SIGKILL));
-    # through the libc handle the fork server resolved before forking when there is one (billiard's
+    # a plain-process child ends with om-worker, its parent, as a pool child with its worker
+    # (prctl(PR_SET_PDEATHSIG, SIGKILL)); a fork server child is watched by the server's
+    # _watch_owner instead (OWNER_WATCHED); through the libc handle the fork server resolved before forking when there is one (billiard's
     # set_pdeathsig parses a cffi cdef or loads libc on every call: ~35 ms of the child's time)
-    if not _set_pdeathsig_fast(signal.SIGKILL):
+    if not OWNER_WATCHED and not _set_pdeathsig_fast(signal.SIGKILL):
         platforms.set_pdeathsig("SIGKILL")
     _set_task_join_will_block(True)  # result.get() inside a task raises, as in the worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # WORKER_SIGIGNORE
@@ -693,7 +695,10 @@ def _execute(request, result_dir):
     hostname = req_in.get("hostname") or None
 
     app = load_app()
-    _init_worker_process(app, hostname)
+    if _warmed is None:
+        _init_worker_process(app, hostname)
+    elif _warmed != hostname:
+        sys.stderr.write("om_taskrunner: warmed up as %r, the task names %r\n" % (_warmed, hostname))
     default_queue = request.get("default_queue")
     if isinstance(default_queue, str) and default_queue:
         # what the task publishes without a queue of its own stays on this task's queue
@@ -935,6 +940,47 @@ def preload_for_fork():
             results[mod] = "%s: %s" % (type(e).__name__, e)
     _reset_default_omega()
     return results
+
+
+#: set by the fork server in its task children: they end with om-worker (the server watches it
+#: for them), not with their parent, so no parent-death signal (plain-process children: their
+#: parent is om-worker, and Celery's PR_SET_PDEATHSIG is right)
+OWNER_WATCHED = False
+
+_warmed = None  # the hostname warm_up() initialised this process for (a spare child)
+
+
+def warm_up(hostname):
+    """In a spare task child (forked ahead of its task, see om_forkserver's ``spare`` op): what
+    every task child does before its task that does not depend on the task -- Celery's
+    worker-process init (as a prefork pool child right after its fork) and the default omega|ml
+    instance (what ``OmegamlTask.om`` returns for the default auth) with its MongoDB client
+    connecting in the background, so the task finds the connection open. Runs in the child
+    only: nothing returns to the fork server, and the child runs at most one task."""
+    global _warmed
+    app = load_app()
+    _init_worker_process(app, hostname)
+    _warmed = hostname
+    try:
+        from omegaml import _omega
+
+        deferred = getattr(_omega, "_om", None)
+        if deferred is None:
+            return
+        deferred.setup()
+        om = deferred.omega
+        db = om.datasets.mongodb  # the client (pymongo connects lazily)
+    except Exception:  # the task sets omega|ml up itself, as a cold child does
+        traceback.print_exc()
+        return
+
+    def connect():
+        try:
+            db.command("ping")
+        except Exception:  # reported by the task's own first command, if it still fails
+            pass
+
+    threading.Thread(target=connect, name="om-warm-mongodb", daemon=True).start()
 
 
 def _reset_default_omega():

@@ -180,8 +180,53 @@ async fn no_orphans_after_success_error_and_timeout() {
     launcher.shutdown().await;
 }
 
+/// Processes a task moved out of its process group and session (`start_new_session`, a double
+/// fork whose middle process exits) end with the task too: while the kernel lives they are
+/// below it (it is their subreaper) and the tree is killed; when the kernel itself died first
+/// (`os._exit`), the fork server adopts and kills them.
 #[tokio::test]
-async fn server_sigkill_kills_its_kernels_then_restart_then_fallback() {
+async fn escaped_processes_end_with_the_task() {
+    let launcher = Arc::new(ForkServerLauncher::new(fs_config(), KernelTracker::new()));
+    let exec = fork_executor(Arc::clone(&launcher));
+    let tag = format!("omw-escape-{}", std::process::id());
+    let escape = format!(
+        "import os, subprocess\n\
+         subprocess.Popen(['sleep', '600', '{tag}-a'], start_new_session=True)\n\
+         if os.fork() == 0:\n    os.setsid()\n    \
+         subprocess.Popen(['sleep', '600', '{tag}-b'], start_new_session=True)\n    os._exit(0)\n\
+         import time\ntime.sleep(0.5)"
+    );
+    let cases = [
+        (vec![escape.as_str(), "print('ok')"], "normal end"),
+        (
+            vec![escape.as_str(), "import os\nos._exit(3)"],
+            "kernel died",
+        ),
+    ];
+    for (cells, what) in cases {
+        let (o, pid) = run_with(&exec, notebook(&cells), RunOptions::default()).await;
+        assert!(pid.is_some(), "{what}: kernel started");
+        if what == "normal end" {
+            assert!(o.error.is_none(), "{what}: {:?}", o.error);
+        } else {
+            assert!(o.error.is_some(), "{what}: the kernel's death is an error");
+        }
+        let end = Instant::now() + GONE;
+        let mut left = procs_with_cmdline(&tag);
+        while !left.is_empty() && Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            left = procs_with_cmdline(&tag);
+        }
+        assert!(
+            left.is_empty(),
+            "{what}: escaped processes survived: {left:?}"
+        );
+    }
+    launcher.shutdown().await;
+}
+
+#[tokio::test]
+async fn server_sigkill_spares_its_kernels_then_restart_then_fallback() {
     let mut cfg = fs_config();
     cfg.max_restarts = 1;
     let launcher = ForkServerLauncher::new(cfg, KernelTracker::new());
@@ -194,9 +239,15 @@ async fn server_sigkill_kills_its_kernels_then_restart_then_fallback() {
         .expect("launch 1");
     let s1 = launcher.server_pid().await.expect("server 1");
     kill(Pid::from_raw(s1), Signal::SIGKILL).expect("kill server");
+    // The kernel runs on without its server (a task that kills the server harms no other
+    // slot); its end is still seen.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(k1.process.is_alive(), "the kernel died with its server");
+    assert!(k1.process.exit_status().is_none());
+    k1.process.kill().await;
     let exit = tokio::time::timeout(GONE, k1.process.exited())
         .await
-        .expect("kernel death reported after the server was killed");
+        .expect("the end of a kernel that outlived its server is reported");
     assert!(
         matches!(exit, om_worker::kernel::KernelExit::Unknown(_)),
         "{exit:?}"
@@ -214,8 +265,9 @@ async fn server_sigkill_kills_its_kernels_then_restart_then_fallback() {
     assert_eq!(ppid(k2.pid()), Some(s2));
     assert_eq!(launcher.stats().server_starts, 2);
     kill(Pid::from_raw(s2), Signal::SIGKILL).expect("kill server 2");
-    assert!(wait_group_gone(k2.pid(), GONE).await.is_empty());
+    let pid2 = k2.pid();
     k2.shutdown(Duration::ZERO).await;
+    assert!(wait_group_gone(pid2, GONE).await.is_empty());
 
     // Budget spent: local kernels from now on.
     let k3 = tokio::time::timeout(bound, launcher.launch(&opts))
@@ -306,26 +358,35 @@ async fn requests_the_server_cannot_serve_faithfully_go_local() {
     assert_eq!((stats.forked, stats.local, stats.server_starts), (0, 2, 0));
 }
 
-/// The server script on its own: EOF on stdin (om-worker gone) ends the server and its
-/// kernels; a SIGKILLed server's kernels end by themselves (ipykernel's parent poller).
+/// The server script on its own, started by an owner process (om-worker's part): EOF on
+/// stdin (om-worker dropped the server) ends the server and its kernels; a SIGKILLed server's
+/// kernel runs on (a task that kills the server harms no other slot); when the owner and the
+/// server are both SIGKILLed, the kernel ends by itself (it watches the owner).
 #[tokio::test]
-async fn server_exit_takes_its_kernels_along() {
+async fn server_exit_and_owner_exit() {
     use std::io::{BufRead, BufReader, Write};
-    for how in ["eof", "sigkill"] {
+    for how in ["eof", "server-sigkill", "owner-gone"] {
         let dir = tempfile::tempdir().expect("tempdir");
         let script = dir.path().join("om_forkserver.py");
         std::fs::write(&script, om_worker::kernel::forkserver::FORKSERVER_SCRIPT).expect("w");
-        let mut server = std::process::Command::new(venv_python())
+        // The owner: a process of its own that starts the server and waits for it.
+        let mut owner = std::process::Command::new(venv_python())
+            .arg("-c")
+            // lives on after the server (as om-worker does) until killed
+            .arg("import subprocess, sys, time; subprocess.call(sys.argv[1:]); time.sleep(600)")
+            .arg(venv_python())
             .arg(&script)
             .arg("--no-default-preload")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
-            .expect("spawn server");
-        let mut out = BufReader::new(server.stdout.take().expect("stdout"));
+            .expect("spawn owner");
+        let mut out = BufReader::new(owner.stdout.take().expect("stdout"));
         let mut line = String::new();
         out.read_line(&mut line).expect("ready line");
         assert!(line.contains("\"ready\""), "{line}");
+        let ready: serde_json::Value = serde_json::from_str(&line).expect("ready json");
+        let server_pid = ready["pid"].as_i64().expect("server pid") as i32;
         let cf = dir.path().join("k.json");
         let key = "0123456789abcdef";
         std::fs::write(
@@ -336,7 +397,7 @@ async fn server_exit_takes_its_kernels_along() {
             .to_string(),
         )
         .expect("cf");
-        let mut stdin = server.stdin.take().expect("stdin");
+        let mut stdin = owner.stdin.take().expect("stdin");
         let req = serde_json::json!({"op": "fork", "id": 1,
             "argv": ["-f", cf.display().to_string(), "--HistoryManager.hist_file=:memory:"],
             "env": std::env::vars().collect::<std::collections::BTreeMap<_, _>>(), "cwd": null});
@@ -353,16 +414,82 @@ async fn server_exit_takes_its_kernels_along() {
         assert!(!group_members(pid).is_empty(), "{how}: kernel running");
         match how {
             "eof" => drop(stdin),
+            "server-sigkill" => {
+                kill(Pid::from_raw(server_pid), Signal::SIGKILL).expect("kill server");
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                assert!(
+                    !group_members(pid).is_empty(),
+                    "{how}: the kernel died with its server"
+                );
+                assert_ne!(ppid(pid), Some(server_pid));
+                om_worker::kernel::process::kill_tree(pid);
+                drop(stdin);
+            }
             _ => {
-                server.kill().expect("kill");
+                owner.kill().expect("kill owner");
+                kill(Pid::from_raw(server_pid), Signal::SIGKILL).expect("kill server");
                 drop(stdin);
             }
         }
         let left = wait_group_gone(pid, GONE).await;
-        assert!(
-            left.is_empty(),
-            "{how}: kernel survived its server: {left:?}"
-        );
-        let _ = server.wait();
+        assert!(left.is_empty(), "{how}: kernel still running: {left:?}");
+        let _ = owner.kill();
+        let _ = owner.wait();
     }
+}
+
+/// omega|ml task children (`fork_task_warm`): after the first task, each task runs in a spare
+/// child forked and warmed up ahead of it, and a new spare is forked right after; every task
+/// still gets a process of its own that ends with it.
+#[tokio::test]
+async fn task_children_after_the_first_run_in_spares() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = ForkServerConfig::new(venv_python()); // default preload: omegaml, its task app
+    cfg.cwd = Some(dir.path().to_path_buf());
+    cfg.env = KernelEnv::inherit()
+        .with(
+            "OMEGA_CONFIG_FILE",
+            dir.path().join("none.yml").display().to_string(),
+        )
+        .with("OMEGA_MONGO_URL", "mongodb://127.0.0.1:9/omw_none");
+    let launcher = ForkServerLauncher::new(cfg, KernelTracker::new());
+    let mut pids = Vec::new();
+    for i in 0..3 {
+        let rdir = dir.path().join(format!("r{i}"));
+        std::fs::create_dir(&rdir).expect("mkdir");
+        let req = rdir.join("request.json");
+        let body = serde_json::json!({
+            // Celery's builtin `accumulate` returns its args: no database needed here
+            "task": "celery.accumulate", "id": format!("t{i}"), "args": [i, "x"],
+            "kwargs": {"$dict": []}, "request": {"hostname": "omw-spare@test"},
+            "result_serializer": "json", "result_dir": rdir.display().to_string()});
+        std::fs::write(&req, body.to_string()).expect("request");
+        let child = tokio::time::timeout(
+            Duration::from_secs(180),
+            launcher.fork_task_warm(&req, &Default::default(), None, "omw-spare@test"),
+        )
+        .await
+        .expect("bounded")
+        .expect("task child");
+        let exit = tokio::time::timeout(Duration::from_secs(120), child.exited())
+            .await
+            .expect("task ends");
+        let outcome: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(rdir.join("outcome.json")).expect("outcome"))
+                .expect("json");
+        assert_eq!(
+            outcome["status"], "SUCCESS",
+            "task {i}: {outcome} ({exit:?})"
+        );
+        let result: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(rdir.join("result.bin")).expect("result"))
+                .expect("json result");
+        assert_eq!(result, serde_json::json!([i, "x"]));
+        pids.push(child.pid());
+        child.kill().await;
+    }
+    pids.dedup();
+    assert_eq!(pids.len(), 3, "one process per task: {pids:?}");
+    assert_eq!(launcher.stats().spares_used, 2);
+    launcher.shutdown().await;
 }

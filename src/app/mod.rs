@@ -90,7 +90,9 @@ pub async fn run_worker(config: Config) -> anyhow::Result<()> {
     // the listing wait for the first task that needs them.)
     if config.kernel_pool > 0 {
         let warm = Arc::clone(&python_tasks);
-        tokio::spawn(async move { warm.preload().await });
+        let hostname = config.nodename.clone();
+        let first_slot = crate::tasks::python_task::slot_env(&config.gpus, 0);
+        tokio::spawn(async move { warm.preload(&hostname, first_slot).await });
     }
     let native: Vec<String> = registry.names().iter().map(|n| n.to_string()).collect();
     let listed = Arc::clone(&python_tasks);

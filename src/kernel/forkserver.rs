@@ -88,6 +88,10 @@ pub struct ForkServerConfig {
     pub max_restarts: u32,
     /// Start → "ready" limit (the imports take seconds; generous under load).
     pub ready_timeout: Duration,
+    /// Keep one spare task child per task environment, forked and warmed up
+    /// (`om_taskrunner.warm_up`) ahead of the next task: see
+    /// [`ForkServerLauncher::fork_task_warm`].
+    pub task_spares: bool,
 }
 
 impl ForkServerConfig {
@@ -103,6 +107,7 @@ impl ForkServerConfig {
             kernel_name: "python3".into(),
             max_restarts: 3,
             ready_timeout: Duration::from_secs(120),
+            task_spares: true,
         }
     }
 }
@@ -116,6 +121,8 @@ pub struct ForkServerStats {
     pub local: u64,
     /// Server processes started (1 + restarts).
     pub server_starts: u32,
+    /// Tasks run by a spare child (forked and warmed up ahead of them).
+    pub spares_used: u64,
 }
 
 /// Protocol messages from the server.
@@ -133,6 +140,11 @@ enum Event {
         error: String,
     },
     Forked {
+        id: u64,
+        pid: i32,
+    },
+    /// A spare was handed its task (`go`).
+    Started {
         id: u64,
         pid: i32,
     },
@@ -187,6 +199,7 @@ struct Server {
     child: tokio::sync::Mutex<Option<Child>>,
     shared: Arc<Shared>,
     next_id: AtomicU64,
+    started: Instant,
     _dir: RuntimeDir,
 }
 
@@ -219,8 +232,46 @@ impl Server {
         self.spawn_child(req, env, cwd, rlimit_as).await
     }
 
+    /// Asks the server for a spare task child (`op: spare`): prepared as
+    /// for `fork_task`, warmed up (`om_taskrunner.warm_up`), waiting for
+    /// [`Self::go`].
+    async fn spare(
+        &self,
+        hostname: &str,
+        env: &BTreeMap<String, String>,
+        cwd: Option<&PathBuf>,
+        rlimit_as: Option<u64>,
+    ) -> Result<(i32, watch::Receiver<Option<KernelExit>>), ForkError> {
+        let req = json!({"op": "spare", "hostname": hostname});
+        self.spawn_child(req, env, cwd, rlimit_as).await
+    }
+
+    /// Hands spare `pid` the request file `request`; it runs that one task.
+    async fn go(
+        &self,
+        pid: i32,
+        request: &std::path::Path,
+    ) -> Result<(i32, watch::Receiver<Option<KernelExit>>), ForkError> {
+        let req = json!({"op": "go", "pid": pid, "request": request.to_string_lossy()});
+        self.send(req).await
+    }
+
+    /// Closes spare `pid`'s pipe: it exits without running anything.
+    async fn retire(&self, pid: i32) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let line = format!("{}\n", json!({"op": "retire", "id": id, "pid": pid}));
+        let mut stdin = self.stdin.lock().await;
+        if let Some(s) = stdin.as_mut() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                s.write_all(line.as_bytes()).await?;
+                s.flush().await
+            })
+            .await;
+        }
+    }
+
     /// Sends one request that forks a child (`req`: its op and op fields;
-    /// the id, environment, cwd and memory limit every child gets are added
+    /// the environment, cwd and memory limit every child gets are added
     /// here) and waits for the server's `forked` reply.
     async fn spawn_child(
         &self,
@@ -229,18 +280,29 @@ impl Server {
         cwd: Option<&PathBuf>,
         rlimit_as: Option<u64>,
     ) -> Result<(i32, watch::Receiver<Option<KernelExit>>), ForkError> {
-        if !self.alive() {
-            return Err(ForkError::Gone);
-        }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         if let Some(obj) = req.as_object_mut() {
-            obj.insert("id".into(), id.into());
             obj.insert("env".into(), json!(env));
             obj.insert(
                 "cwd".into(),
                 json!(cwd.map(|c| c.to_string_lossy().into_owned())),
             );
             obj.insert("rlimit_as".into(), json!(rlimit_as));
+        }
+        self.send(req).await
+    }
+
+    /// Sends one request (its id added here) and waits for the server's
+    /// `forked`/`started` reply.
+    async fn send(
+        &self,
+        mut req: serde_json::Value,
+    ) -> Result<(i32, watch::Receiver<Option<KernelExit>>), ForkError> {
+        if !self.alive() {
+            return Err(ForkError::Gone);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if let Some(obj) = req.as_object_mut() {
+            obj.insert("id".into(), id.into());
         }
         let (tx, rx) = oneshot::channel();
         lock(&self.shared.pending).insert(id, tx);
@@ -374,6 +436,24 @@ async fn read_events(mut reader: LineReader, shared: Arc<Shared>, server_pid: i3
                     let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
                 }
             }
+            Event::Started { id, pid } => {
+                // The spare's exit watch was created when it was forked.
+                let exit = lock(&shared.kernels)
+                    .get(&pid)
+                    .map(watch::Sender::subscribe);
+                let reply = exit
+                    .map(|rx| (pid, rx))
+                    .ok_or_else(|| format!("spare {pid} exited"));
+                let requester = lock(&shared.pending).remove(&id);
+                let delivered = match requester {
+                    Some(r) => r.send(reply).is_ok(),
+                    None => false,
+                };
+                if !delivered && pid > 1 {
+                    tracing::debug!(pid, "fork server: unclaimed task killed");
+                    let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
             Event::Forked { id, pid } => {
                 tracing::warn!(pid, "fork server: invalid pid in reply");
                 if let Some(r) = lock(&shared.pending).remove(&id) {
@@ -408,7 +488,8 @@ async fn read_events(mut reader: LineReader, shared: Arc<Shared>, server_pid: i3
             }
         }
     }
-    // The server is gone (crashed, killed, or exited after we closed its stdin).
+    // The server is gone (crashed, killed -- possibly by a task --, or exited after we closed
+    // its stdin, in which case it killed its children itself).
     shared.alive.store(false, Ordering::SeqCst);
     lock(&shared.pending).clear();
     let orphans: Vec<(i32, watch::Sender<Option<KernelExit>>)> =
@@ -416,24 +497,26 @@ async fn read_events(mut reader: LineReader, shared: Arc<Shared>, server_pid: i3
     if !orphans.is_empty() {
         tracing::warn!(
             server_pid,
-            kernels = orphans.len(),
-            "fork server exited: killing its kernels"
+            children = orphans.len(),
+            "fork server exited: its running kernels and tasks go on (watched until they end)"
         );
     }
     for (pid, tx) in orphans {
-        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        // A child outlives its server (it ends with om-worker, see `_watch_owner`): one task
+        // that kills the server harms no other slot. Its exit status went with the server.
         tokio::spawn(async move {
-            // Not our child: wait for the pid to disappear (init/subreaper reaps it).
-            let end = Instant::now() + Duration::from_secs(5);
-            while pid_exists(pid) && Instant::now() < end {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            while pid_exists(pid) && !tx.is_closed() {
+                tokio::time::sleep(ORPHAN_POLL).await;
             }
             let _ = tx.send(Some(KernelExit::Unknown(
-                "fork server exited; kernel killed".into(),
+                "exit status lost with its fork server".into(),
             )));
         });
     }
 }
+
+/// How often a child whose fork server died is checked for its end.
+const ORPHAN_POLL: Duration = Duration::from_millis(50);
 
 /// True when `/proc/<pid>` exists and is not a zombie.
 fn pid_exists(pid: i32) -> bool {
@@ -459,6 +542,30 @@ fn ipykernel_split(argv: &[String]) -> Option<usize> {
     opts_ok.then_some(i)
 }
 
+/// Which tasks a spare can run: those whose child gets the same
+/// environment, memory limit and Celery hostname (what it was prepared and
+/// warmed up with).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SpareKey {
+    env: BTreeMap<String, String>,
+    rlimit_as: Option<u64>,
+    hostname: String,
+}
+
+/// A task child forked and warmed up ahead of its task, waiting for `go`.
+/// It has never run a task and runs at most one.
+struct Spare {
+    key: SpareKey,
+    pid: i32,
+    server_pid: i32,
+    exit: watch::Receiver<Option<KernelExit>>,
+    born: Instant,
+}
+
+/// A spare older than this is retired instead of used: its MongoDB
+/// connection and omega|ml settings are then as fresh as a cold child's.
+const SPARE_MAX_AGE: Duration = Duration::from_secs(600);
+
 #[derive(Default)]
 struct Slot {
     server: Option<Arc<Server>>,
@@ -475,7 +582,14 @@ pub struct ForkServerLauncher {
     forked: AtomicU64,
     local_launches: AtomicU64,
     starts: AtomicU32,
+    spares: Mutex<Vec<Spare>>,
+    spares_used: AtomicU64,
+    /// Starts since the server last ran for [`RESTART_BUDGET_RESET`].
+    budget_used: AtomicU32,
 }
+
+/// A server that ran this long before it died resets the restart budget.
+const RESTART_BUDGET_RESET: Duration = Duration::from_secs(300);
 
 impl std::fmt::Debug for ForkServerLauncher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -506,6 +620,9 @@ impl ForkServerLauncher {
             forked: AtomicU64::new(0),
             local_launches: AtomicU64::new(0),
             starts: AtomicU32::new(0),
+            spares: Mutex::new(Vec::new()),
+            spares_used: AtomicU64::new(0),
+            budget_used: AtomicU32::new(0),
         }
     }
 
@@ -515,6 +632,7 @@ impl ForkServerLauncher {
             forked: self.forked.load(Ordering::Relaxed),
             local: self.local_launches.load(Ordering::Relaxed),
             server_starts: self.starts.load(Ordering::Relaxed),
+            spares_used: self.spares_used.load(Ordering::Relaxed),
         }
     }
 
@@ -594,16 +712,21 @@ impl ForkServerLauncher {
                 return Ok(Arc::clone(server));
             }
             tracing::warn!(pid = server.pid, "fork server died");
+            if server.started.elapsed() >= RESTART_BUDGET_RESET {
+                // Ran fine for a while: a crash now and then never disables it for good.
+                self.budget_used.store(0, Ordering::Relaxed);
+            }
             slot.server = None;
         }
-        let starts = self.starts.load(Ordering::Relaxed);
+        let starts = self.budget_used.load(Ordering::Relaxed);
         if starts > self.config.max_restarts {
-            let reason = format!("fork server died {starts} times; not restarting it");
+            let reason = format!("fork server died {starts} times in a row; not restarting it");
             self.log_fallback(&reason);
             slot.disabled = Some(reason.clone());
             return Err(reason);
         }
         self.starts.fetch_add(1, Ordering::Relaxed);
+        self.budget_used.fetch_add(1, Ordering::Relaxed);
         match self.spawn_server(plan).await {
             Ok(server) => {
                 let server = Arc::new(server);
@@ -649,6 +772,150 @@ impl ForkServerLauncher {
             }
         }
         Err("fork server gone".into())
+    }
+
+    /// [`Self::fork_task`] for a task of the worker `hostname`, started in
+    /// a spare child when one is waiting: forked earlier with the same
+    /// environment and memory limit and warmed up (Celery's worker-process
+    /// init, the default omega|ml instance, its MongoDB connection; see
+    /// `warm_up` in `python/om_taskrunner.py`), so the task starts at its
+    /// first line. A spare has never run a task and runs exactly one, like a
+    /// fresh child. After each task a new spare is forked for the next one
+    /// (one per environment, i.e. per GPU slot); a spare that died or grew
+    /// older than [`SPARE_MAX_AGE`] is not used. `Err` as for `fork_task`.
+    pub async fn fork_task_warm(
+        &self,
+        request: &std::path::Path,
+        extra_env: &BTreeMap<String, String>,
+        rlimit_as: Option<u64>,
+        hostname: &str,
+    ) -> Result<KernelProcess, String> {
+        if !self.config.task_spares {
+            return self.fork_task(request, extra_env, rlimit_as).await;
+        }
+        let plan = self.configured_plan()?;
+        let mut env = plan.env.clone();
+        env.extend(extra_env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let key = SpareKey {
+            env,
+            rlimit_as,
+            hostname: hostname.to_owned(),
+        };
+        let cwd = self.config.cwd.as_ref();
+        for _attempt in 0..2 {
+            let server = self.server_for(&plan).await?;
+            let (spare, stale) = self.take_spare(&key, server.pid);
+            for pid in stale {
+                server.retire(pid).await;
+            }
+            let started = match spare {
+                Some(pid) => match server.go(pid, request).await {
+                    Ok(x) => {
+                        self.spares_used.fetch_add(1, Ordering::Relaxed);
+                        Ok(x)
+                    }
+                    Err(ForkError::Failed(e)) => {
+                        tracing::debug!(pid, "spare task child not usable ({e}); forking one");
+                        server.fork_task(request, &key.env, cwd, rlimit_as).await
+                    }
+                    Err(ForkError::Gone) => Err(ForkError::Gone),
+                },
+                None => server.fork_task(request, &key.env, cwd, rlimit_as).await,
+            };
+            match started {
+                Ok((pid, exit)) => {
+                    self.forked.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(pid, server = server.pid, "task child started");
+                    let child = KernelProcess::external(pid, exit, self.local.kernels());
+                    self.refill(&server, &key).await;
+                    return Ok(child);
+                }
+                Err(ForkError::Gone) => continue,
+                Err(ForkError::Failed(e)) => return Err(e),
+            }
+        }
+        Err("fork server gone".into())
+    }
+
+    /// Forks a spare for the tasks [`Self::fork_task_warm`] would run with
+    /// these arguments, so that even the first one after start-up finds one.
+    pub async fn prime_task_spare(
+        &self,
+        extra_env: &BTreeMap<String, String>,
+        rlimit_as: Option<u64>,
+        hostname: &str,
+    ) -> Result<(), String> {
+        if !self.config.task_spares {
+            return Ok(());
+        }
+        let plan = self.configured_plan()?;
+        let mut env = plan.env.clone();
+        env.extend(extra_env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let key = SpareKey {
+            env,
+            rlimit_as,
+            hostname: hostname.to_owned(),
+        };
+        let server = self.server_for(&plan).await?;
+        self.refill(&server, &key).await;
+        Ok(())
+    }
+
+    /// The pid of a live spare of `server` for `key` (removed from the list),
+    /// and the pids of spares too old to use (to retire); dead spares and
+    /// those of an earlier server are dropped.
+    fn take_spare(&self, key: &SpareKey, server_pid: i32) -> (Option<i32>, Vec<i32>) {
+        let mut spares = lock(&self.spares);
+        let mut stale = Vec::new();
+        spares.retain(|s| {
+            let alive = s.server_pid == server_pid && s.exit.borrow().is_none();
+            if alive && s.born.elapsed() > SPARE_MAX_AGE {
+                stale.push(s.pid);
+                return false;
+            }
+            alive
+        });
+        let found = spares.iter().position(|s| s.key == *key);
+        (found.map(|i| spares.swap_remove(i).pid), stale)
+    }
+
+    /// Forks a spare for `key` unless `server` has one already.
+    async fn refill(&self, server: &Server, key: &SpareKey) {
+        let has = |spares: &Vec<Spare>| {
+            spares
+                .iter()
+                .any(|s| s.key == *key && s.server_pid == server.pid)
+        };
+        if has(&lock(&self.spares)) {
+            return;
+        }
+        let cwd = self.config.cwd.as_ref();
+        match server
+            .spare(&key.hostname, &key.env, cwd, key.rlimit_as)
+            .await
+        {
+            Ok((pid, exit)) => {
+                let extra = {
+                    let mut spares = lock(&self.spares);
+                    let extra = has(&spares);
+                    if !extra {
+                        spares.push(Spare {
+                            key: key.clone(),
+                            pid,
+                            server_pid: server.pid,
+                            exit,
+                            born: Instant::now(),
+                        });
+                    }
+                    extra
+                };
+                if extra {
+                    // A concurrent task forked one first.
+                    server.retire(pid).await;
+                }
+            }
+            Err(e) => tracing::debug!("no spare task child: {e}"),
+        }
     }
 
     fn log_fallback(&self, reason: &str) {
@@ -780,6 +1047,7 @@ impl ForkServerLauncher {
             child: tokio::sync::Mutex::new(Some(child)),
             shared,
             next_id: AtomicU64::new(1),
+            started,
             _dir: dir,
         })
     }

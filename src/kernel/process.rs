@@ -106,7 +106,7 @@ impl KernelTracker {
     pub fn kill_all(&self) -> usize {
         let groups: Vec<i32> = self.live().drain().map(|(_, pgid)| pgid).collect();
         for pgid in &groups {
-            let _ = killpg(Pid::from_raw(*pgid), Signal::SIGKILL);
+            kill_tree(*pgid);
         }
         groups.len()
     }
@@ -223,9 +223,10 @@ impl KernelProcess {
         killpg(Pid::from_raw(self.pid), signal)
     }
 
-    /// SIGKILLs the group and waits (bounded) for the leader to be reaped.
+    /// SIGKILLs the kernel's whole process tree (see [`kill_tree`]) and waits
+    /// (bounded) for the leader to be reaped.
     pub async fn kill(&self) {
-        let _ = self.signal_group(Signal::SIGKILL);
+        kill_tree(self.pid);
         let _ = tokio::time::timeout(Duration::from_secs(5), self.exited()).await;
         self.unregister();
     }
@@ -247,10 +248,96 @@ impl Drop for KernelProcess {
         // Still registered: nobody killed it, and `kill_all` has not signalled its group either
         // (it forgets what it signals, so a reused pgid is never hit twice).
         if self.tracker.unregister(self.id) {
-            // Abnormal path (no explicit kill): make sure the group dies. The reaper task keeps
+            // Abnormal path (no explicit kill): make sure the tree dies. The reaper task keeps
             // running and reaps the leader.
-            let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
+            kill_tree(self.pid);
         }
         let _ = &self.reaper;
     }
+}
+
+/// Rounds of [`kill_tree`]: each kills what the previous one found; a
+/// process that forks faster than that is still stopped, and its group and
+/// any orphan end up with the fork server, which kills what it adopts.
+const KILL_TREE_ROUNDS: usize = 20;
+
+/// SIGKILLs `root`, its process group and every process below it, whatever
+/// session or group they moved to. The fork server makes each child the
+/// subreaper of its own tree (`PR_SET_CHILD_SUBREAPER`), so while `root`
+/// lives, everything a task started and orphaned (`start_new_session`
+/// daemons, double forks) is still below it. `root` and its group are
+/// stopped first so they cannot fork while the tree is walked; the walk
+/// reads `/proc/<pid>/task/<tid>/children`. Best effort: every error is a
+/// process already gone.
+pub fn kill_tree(root: i32) {
+    if root <= 1 {
+        return;
+    }
+    if !leads_own_group(root) {
+        // Gone (or the pid now names an unrelated process): only the group is left to end.
+        let _ = killpg(Pid::from_raw(root), Signal::SIGKILL);
+        return;
+    }
+    let _ = killpg(Pid::from_raw(root), Signal::SIGSTOP);
+    let _ = nix::sys::signal::kill(Pid::from_raw(root), Signal::SIGSTOP);
+    let mut killed = std::collections::HashSet::new();
+    for _ in 0..KILL_TREE_ROUNDS {
+        let found: Vec<i32> = descendants(root)
+            .into_iter()
+            .filter(|p| !killed.contains(p))
+            .collect();
+        if found.is_empty() {
+            break;
+        }
+        for pid in found {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+            killed.insert(pid);
+        }
+    }
+    let _ = killpg(Pid::from_raw(root), Signal::SIGKILL);
+    let _ = nix::sys::signal::kill(Pid::from_raw(root), Signal::SIGKILL);
+}
+
+/// True when `pid` exists, is not a zombie and leads its own process group
+/// (as every kernel and task child does): a reused pid is not walked.
+fn leads_own_group(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let mut fields = rest.split_whitespace();
+    let state = fields.next();
+    let pgrp = fields.nth(1).and_then(|f| f.parse::<i32>().ok());
+    !matches!(state, None | Some("Z") | Some("X")) && pgrp == Some(pid)
+}
+
+/// The pids below `pid` (children, their children, ...), from
+/// `/proc/<pid>/task/<tid>/children`; empty when `pid` is gone.
+pub fn descendants(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let path = task.path().join("children");
+            let Ok(list) = std::fs::read_to_string(path) else {
+                continue;
+            };
+            for child in list
+                .split_whitespace()
+                .filter_map(|c| c.parse::<i32>().ok())
+            {
+                // A cycle is impossible in a process tree; the bound is for a racing pid reuse.
+                if child > 1 && !out.contains(&child) && out.len() < 100_000 {
+                    out.push(child);
+                    todo.push(child);
+                }
+            }
+        }
+    }
+    out
 }

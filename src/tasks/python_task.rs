@@ -113,6 +113,15 @@ impl PythonRuntime {
     }
 }
 
+/// What a task child of slot `slot` gets on top of the kernels' environment:
+/// its GPU (`CUDA_VISIBLE_DEVICES`), if GPUs are assigned.
+pub fn slot_env(gpus: &[String], slot: usize) -> BTreeMap<String, String> {
+    gpu_env_for_slot(gpus, slot)
+        .map(|gpu| ("CUDA_VISIBLE_DEVICES".to_owned(), gpu))
+        .into_iter()
+        .collect()
+}
+
 /// One omega|ml task name run in a Python child.
 pub struct PythonTask {
     name: &'static str,
@@ -179,11 +188,8 @@ impl Task for PythonTask {
         }
         std::fs::write(&request_path, request.to_string())
             .map_err(|e| internal(format!("cannot write the task request: {e}")))?;
-        let mut extra_env = BTreeMap::new();
-        if let Some(gpu) = gpu_env_for_slot(&ctx.gpus, ctx.slot) {
-            extra_env.insert("CUDA_VISIBLE_DEVICES".to_owned(), gpu);
-        }
-        let child = self.start(&request_path, &extra_env).await?;
+        let extra_env = slot_env(&ctx.gpus, ctx.slot);
+        let child = self.start(&request_path, &extra_env, &ctx.nodename).await?;
         debug!(task_id = %msg.id, pid = child.pid(), "task child started");
         // The soft time limit is Celery's: the child arms it itself when the
         // task starts (the request carries it) and raises
@@ -218,11 +224,12 @@ impl PythonTask {
         &self,
         request: &Path,
         extra_env: &BTreeMap<String, String>,
+        hostname: &str,
     ) -> Result<KernelProcess, TaskError> {
         let rt = &self.runtime;
         if let Some(fs) = &rt.fork_server {
             match fs
-                .fork_task(request, extra_env, rt.memory_limit_bytes)
+                .fork_task_warm(request, extra_env, rt.memory_limit_bytes, hostname)
                 .await
             {
                 Ok(child) => return Ok(child),
@@ -446,9 +453,19 @@ impl PythonCatalog {
     }
 
     /// Lists the tasks now if not done yet (start-up warming; failures are
-    /// logged and retried on use, as for any listing).
-    pub async fn preload(&self) {
-        self.loaded().await;
+    /// logged and retried on use, as for any listing), then forks a spare
+    /// task child for the worker `hostname`'s first slot (`first_slot_env`:
+    /// its GPU), so the first Python task starts warm too.
+    pub async fn preload(&self, hostname: &str, first_slot_env: BTreeMap<String, String>) {
+        if self.loaded().await.is_none() {
+            return;
+        }
+        if let Some(fs) = &self.runtime.fork_server {
+            let limit = self.runtime.memory_limit_bytes;
+            if let Err(e) = fs.prime_task_spare(&first_slot_env, limit, hostname).await {
+                debug!("no spare task child at start-up: {e}");
+            }
+        }
     }
 
     /// The names listed so far (none while the listing runs or failed);

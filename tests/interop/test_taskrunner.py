@@ -93,6 +93,20 @@ def sleepy(self, seconds):
     return "woke"
 
 
+_STATE = {}
+
+
+@shared_task(bind=True, name="omw_runner_tasks.leave_state")
+def leave_state(self):
+    """What an earlier task left in this process (a spare must have none), then leaves some."""
+    import omegaml
+    before = {"module": dict(_STATE), "env": os.environ.get("OMW_LEFT_BY"),
+              "om_initialized": bool(getattr(omegaml._omega._om, "initialized", False))}
+    _STATE["left_by"] = self.request.id
+    os.environ["OMW_LEFT_BY"] = self.request.id
+    return before
+
+
 @shared_task(bind=True, name="omw_runner_tasks.soft_limit")
 def soft_limit(self):
     return [self.soft_time_limit, self.app.conf.task_soft_time_limit]
@@ -205,9 +219,34 @@ class ForkServer:
             if pred(ev):
                 return ev
 
+    def send(self, op):
+        """Sends one op with a fresh id; returns the id."""
+        self._next_id += 1
+        op = dict(op, id=self._next_id)
+        self.proc.stdin.write((json.dumps(op) + "\n").encode())
+        self.proc.stdin.flush()
+        return op["id"]
+
+    def reply(self, rid, what):
+        return self._wait(lambda e: e.get("id") == rid, 30, what)
+
+    def wait_exit(self, pid, what, timeout=TASK_TIMEOUT):
+        if pid not in self._exits:
+            self._wait(lambda e: e.get("event") == "exit" and e.get("pid") == pid, timeout, what)
+        return self._exits.pop(pid)
+
+    def spare(self, env_extra=None):
+        """Forks a spare task child (warmed up, waiting for `go`); returns its pid."""
+        rid = self.send({"op": "spare", "hostname": HOSTNAME, "env": dict(self.env, **(env_extra or {})),
+                         "cwd": str(self.workdir), "rlimit_as": None})
+        forked = self.reply(rid, "forked reply for a spare")
+        assert forked["event"] == "forked", forked
+        return forked["pid"]
+
     def task(self, task, args=(), kwargs=None, serializer="pickle", request=None,
-             env_extra=None):
-        """Run one task request in a forked child; returns (exit event, outcome, files)."""
+             env_extra=None, spare=None):
+        """Run one task request in a forked child (`spare`: in that spare child, with `go`);
+        returns (task id, exit event, outcome, files)."""
         self._next_id += 1
         rid = self._next_id
         tid = str(uuid.uuid4())
@@ -227,12 +266,15 @@ class ForkServer:
         path = self.workdir / f"request-{rid}.json"
         path.write_text(json.dumps(body))
         env = dict(self.env, **(env_extra or {}))
-        op = {"op": "task", "id": rid, "request": str(path), "env": env, "cwd": str(self.workdir),
-              "rlimit_as": None}
+        if spare is None:
+            op = {"op": "task", "id": rid, "request": str(path), "env": env,
+                  "cwd": str(self.workdir), "rlimit_as": None}
+        else:
+            op = {"op": "go", "id": rid, "pid": spare, "request": str(path)}
         self.proc.stdin.write((json.dumps(op) + "\n").encode())
         self.proc.stdin.flush()
         forked = self._wait(lambda e: e.get("id") == rid, 30, f"forked reply for task {rid}")
-        assert forked["event"] == "forked", forked
+        assert forked["event"] == ("forked" if spare is None else "started"), forked
         pid = forked["pid"]
         if pid not in self._exits:
             self._wait(lambda e: e.get("event") == "exit" and e.get("pid") == pid, TASK_TIMEOUT,
@@ -611,3 +653,64 @@ def test_soft_time_limit(server):
     # without a message limit the app's (omega|ml's CELERYD_TASK_SOFT_TIME_LIMIT) applies
     _, ex, out, files = server.task("omw_runner_tasks.soft_limit", [], None)
     assert pickle.loads(assert_success(ex, out, files))[1] == 20 * 60
+
+
+def test_spare_children_run_one_task_each_and_start_clean(server, omdata):
+    """`spare`/`go` (what om-worker uses for every Python task after the first): a spare is
+    forked and warmed up ahead of its task (Celery's worker-process init, the default omega|ml
+    instance) and runs exactly one task; nothing one task leaves behind (module state,
+    os.environ) is seen by the next; the result equals a cold child's."""
+    a, b = server.spare(), server.spare()
+    assert a != b
+    _, ex, outcome, files = server.task("omw_runner_tasks.leave_state", spare=a)
+    first = pickle.loads(assert_success(ex, outcome, files))
+    # warmed up: the default omega|ml instance exists before the task's first line
+    assert first == {"module": {}, "env": None, "om_initialized": True}, first
+    _, ex, outcome, files = server.task("omw_runner_tasks.leave_state", spare=b)
+    assert pickle.loads(assert_success(ex, outcome, files)) == first
+    # a cold child reports the same state, without the warm-up
+    _, ex, outcome, files = server.task("omw_runner_tasks.leave_state")
+    assert pickle.loads(assert_success(ex, outcome, files)) == dict(first, om_initialized=False)
+    # a model task in a spare: same prediction as a local one
+    import numpy as np
+    c = server.spare()
+    _, ex, outcome, files = server.task("omegaml.tasks.omega_predict",
+                                        args=[omdata["fitted"], omdata["xname"]],
+                                        kwargs=omega_kwargs(rName=None), spare=c)
+    got = pickle.loads(assert_success(ex, outcome, files))
+    np.testing.assert_allclose(np.asarray(got), omdata["local"].predict(omdata["X"]))
+
+
+def test_spare_misuse_and_retire(server):
+    """A spare runs one task only: `go` to a used, unknown or dead pid is an error and runs
+    nothing; `retire` ends an unused spare (exit 0, no outcome) -- promptly even while another
+    task child runs, so no sibling holds a spare's pipe (no task can start a task in it)."""
+    a = server.spare()
+    _, ex, outcome, _ = server.task("omw_runner_tasks.context", spare=a)
+    assert outcome["status"] == "SUCCESS"
+    rid = server.send({"op": "go", "pid": a, "request": "/nonexistent.json"})
+    err = server.reply(rid, "go to a used spare")
+    assert err["event"] == "error" and "no waiting spare" in err["error"], err
+    rid = server.send({"op": "go", "pid": "x", "request": "/nonexistent.json"})
+    assert server.reply(rid, "go to a bad pid")["event"] == "error"
+
+    b = server.spare()
+    req_dir = server.workdir / "sleepy"
+    req_dir.mkdir()
+    body = {"task": "omw_runner_tasks.sleepy", "id": str(uuid.uuid4()), "args": [20],
+            "kwargs": {"$dict": []}, "request": {"hostname": HOSTNAME},
+            "result_serializer": "pickle", "result_dir": str(req_dir)}
+    (req_dir / "request.json").write_text(json.dumps(body))
+    rid = server.send({"op": "task", "request": str(req_dir / "request.json"), "env": server.env,
+                       "cwd": str(server.workdir), "rlimit_as": None})
+    sleeper = server.reply(rid, "forked sleepy")["pid"]
+    t0 = time.monotonic()
+    server.send({"op": "retire", "pid": b})
+    ex = server.wait_exit(b, "retired spare exit", timeout=15)
+    assert ex.get("code") == 0, ex
+    assert time.monotonic() - t0 < 15
+    assert sleeper not in server._exits, "the sleeping task ended first: the check proves nothing"
+    os.killpg(sleeper, 9)
+    server.wait_exit(sleeper, "sleepy child killed")
+    rid = server.send({"op": "go", "pid": b, "request": "/nonexistent.json"})
+    assert server.reply(rid, "go to a retired spare")["event"] == "error"
