@@ -329,6 +329,81 @@ def _run_child(req, close_fds, body):
         os._exit(code & 0xFF if code >= 0 else 1)
 
 
+# What one output may cost om-worker: without a bound, one print('x' * 500_000_000) crosses the
+# socket as one message and om-worker holds all of it before its per-cell cap (10 MiB) applies.
+# A kernel sends at most _MAX_OUTPUT_MESSAGE characters of one output (a longer text keeps its
+# start and a note; a larger mime bundle or traceback becomes a notice), and a long stream text
+# goes out in pieces of _OUTPUT_PIECE characters, so om-worker never receives a large frame from
+# an ordinary print. om-worker still cuts whatever arrives larger (a kernel can bypass this).
+_MAX_OUTPUT_MESSAGE = 16 * 1024 * 1024
+_OUTPUT_PIECE = 2 * 1024 * 1024
+_OUTPUT_TYPES = ("stream", "display_data", "execute_result", "update_display_data", "error")
+
+
+def _cap_output_messages(session):
+    send = session.send
+    cap, piece = _MAX_OUTPUT_MESSAGE, _OUTPUT_PIECE
+
+    def _size(v):
+        if isinstance(v, str):
+            return len(v)
+        if isinstance(v, dict):
+            return sum(len(str(k)) + _size(x) for k, x in v.items())
+        if isinstance(v, (list, tuple)):
+            return sum(_size(x) for x in v)
+        return 16
+
+    def capped(msg_type, content):
+        if msg_type not in _OUTPUT_TYPES or not isinstance(content, dict) or _size(content) <= cap:
+            return content
+        content = dict(content)
+        for key, value in list(content.items()):
+            if isinstance(value, str) and len(value) > cap:
+                content[key] = value[:cap] + (
+                    "\n... [om-worker: %s %s of %d characters cut to its first %d]\n"
+                    % (msg_type, key, len(value), cap))
+            elif key in ("data", "traceback") and _size(value) > cap:
+                note = ("[om-worker: %s %s of about %d characters omitted: over the %d-byte"
+                        " message limit]" % (msg_type, key, _size(value), cap))
+                content[key] = {"text/plain": note} if key == "data" else [note]
+        return content
+
+    def pieces(content):
+        text = content.get("text")
+        if not isinstance(text, str) or len(text) <= piece:
+            return [content]
+        return [dict(content, text=text[i:i + piece]) for i in range(0, len(text), piece)]
+
+    def capped_send(stream, msg_or_type, content=None, *args, **kwargs):
+        # OutStream sends a built message (dict), the display publisher and the kernel a type
+        try:
+            if isinstance(msg_or_type, dict):
+                msg_type, old = msg_or_type.get("msg_type"), msg_or_type.get("content")
+                new = capped(msg_type, old)
+                if msg_type == "stream" and isinstance(new, dict):
+                    parts = pieces(new)
+                    if len(parts) > 1:
+                        parent = msg_or_type.get("parent_header")
+                        for part in parts[:-1]:
+                            send(stream, session.msg("stream", part, parent=parent), content,
+                                 *args, **kwargs)
+                        new = parts[-1]
+                if new is not old:
+                    msg_or_type = dict(msg_or_type, content=new)
+            else:
+                content = capped(msg_or_type, content)
+                if msg_or_type == "stream" and isinstance(content, dict):
+                    parts = pieces(content)
+                    for part in parts[:-1]:
+                        send(stream, msg_or_type, part, *args, **kwargs)
+                    content = parts[-1]
+        except Exception:
+            pass
+        return send(stream, msg_or_type, content, *args, **kwargs)
+
+    session.send = capped_send
+
+
 def _kernel_body(launcher_file):
     def body(req):
         os.environ["JPY_PARENT_PID"] = str(_owner or os.getppid())
@@ -341,6 +416,7 @@ def _kernel_body(launcher_file):
 
         app = kernelapp.IPKernelApp.instance()
         app.initialize(args)
+        _cap_output_messages(app.session)
         app.start()
         return 0
 

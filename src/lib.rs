@@ -15,6 +15,7 @@ pub mod config;
 pub mod control;
 pub mod kernel;
 pub mod ledger;
+pub mod logging;
 pub mod notebook;
 pub mod protocol;
 pub mod redact;

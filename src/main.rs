@@ -38,24 +38,16 @@ fn load_config(
     )?)
 }
 
+/// The library's log setup ([`om_worker::logging`]): values from messages are
+/// escaped and bounded in human logs.
 fn init_logging(level: &str, format: LogFormat) {
-    let level = match level.to_ascii_lowercase().as_str() {
-        "warning" => "warn".to_owned(),
-        "critical" | "fatal" => "error".to_owned(),
-        other => other.to_owned(),
-    };
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("OM_WORKER_LOG").unwrap_or_else(|_| {
-            tracing_subscriber::EnvFilter::new(format!("om_worker={level},zeromq=error,warn"))
-        });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    om_worker::logging::init(
+        level,
+        match format {
+            LogFormat::Human => om_worker::logging::Format::Human,
+            LogFormat::Json => om_worker::logging::Format::Json,
+        },
+    );
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {

@@ -8,6 +8,18 @@
 //! and connects the implementation a broker URL names.
 
 pub mod amqp;
+
+/// Largest message body (AMQP) or Redis list element om-worker decodes.
+/// Decoding costs several times a message's size (base64, pickle, the
+/// task's result), so one huge message could take the worker's memory with
+/// it. A larger one is not decoded: it is answered with a FAILURE
+/// (`DecodeError`) when its task id can be read, and rejected without requeue.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// The transport error of a message over [`MAX_MESSAGE_BYTES`].
+pub fn too_large(len: usize) -> String {
+    format!("message of {len} bytes is over the {MAX_MESSAGE_BYTES}-byte limit; not decoded")
+}
 pub mod memory;
 pub mod redis;
 

@@ -27,6 +27,14 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 /// backlog sits in the kernel's ZeroMQ queues instead.
 const EVENT_CAPACITY: usize = 1024;
 
+/// Largest message content decoded as it is. Outputs are capped per cell (10 MiB by
+/// default, `--max-cell-output-mb`) after decoding; without this bound one 500 MB `print`
+/// would be parsed whole first (about 2.8 times its size in worker memory). Larger content
+/// is cut down while it is scanned ([`Message::from_frames_capped`]). The kernels of the
+/// fork server also cap each output message at this size before sending it
+/// (`python/om_forkserver.py`), so the frame itself stays this small too.
+pub const MAX_CONTENT_BYTES: usize = 16 * 1024 * 1024;
+
 /// Contents of a Jupyter connection file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ConnectionInfo {
@@ -232,7 +240,17 @@ async fn read_loop<S: SocketRecv + Send>(
         match socket.recv().await {
             Ok(zmsg) => {
                 let frames = zmsg.into_vec();
-                match Message::from_frames(&frames, &signer) {
+                let size: usize = frames.iter().map(|f| f.len()).sum();
+                if size > MAX_CONTENT_BYTES {
+                    tracing::info!(
+                        ?channel,
+                        bytes = size,
+                        "kernel message over {MAX_CONTENT_BYTES} bytes: its large values are cut"
+                    );
+                }
+                let decoded = Message::from_frames_capped(&frames, &signer, MAX_CONTENT_BYTES);
+                drop(frames);
+                match decoded {
                     Ok(msg) => {
                         if tx
                             .send(ClientEvent::Message(channel, Box::new(msg)))

@@ -920,7 +920,9 @@ impl ForkServerLauncher {
             .env("JPY_PARENT_PID", std::process::id().to_string())
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
+            // Piped and logged line by line, escaped: kernels and task children inherit it,
+            // and notebook code must not write raw lines into the worker's log.
+            .stderr(std::process::Stdio::piped())
             // Own group: a terminal's Ctrl-C goes to om-worker, which decides what to kill.
             .process_group(0);
         if let Some(cwd) = &self.config.cwd {
@@ -937,6 +939,9 @@ impl ForkServerLauncher {
             let _ = child.start_kill();
             return Err("no pipes to the server".into());
         };
+        if let Some(stderr) = child.stderr.take() {
+            crate::logging::forward_child_stderr(stderr, "fork server/kernel stderr", pid);
+        }
         let mut reader = LineReader(BufReader::new(stdout));
         let first = tokio::time::timeout(self.config.ready_timeout, async {
             loop {

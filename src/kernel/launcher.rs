@@ -475,6 +475,8 @@ impl KernelLauncher for LocalLauncher {
             .env_clear()
             .envs(&env)
             .stdin(std::process::Stdio::null())
+            // logged line by line, escaped (crate::logging::forward_child_stderr)
+            .stderr(std::process::Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
         if let Some(cwd) = &opts.cwd {
@@ -482,9 +484,13 @@ impl KernelLauncher for LocalLauncher {
         }
         tracing::debug!(?argv, cwd = ?opts.cwd, "spawning kernel");
         conn.release_ports();
-        let child = cmd
+        let mut child = cmd
             .spawn()
             .map_err(|e| KernelError::Startup(format!("spawn {}: {e}", argv[0])))?;
+        if let Some(stderr) = child.stderr.take() {
+            let pid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+            crate::logging::forward_child_stderr(stderr, "kernel stderr", pid);
+        }
         let process = KernelProcess::adopt(child, &self.kernels)
             .map_err(|e| KernelError::Startup(format!("adopt kernel: {e}")))?;
 

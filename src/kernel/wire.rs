@@ -32,6 +32,12 @@ pub enum WireError {
     /// A JSON frame does not parse.
     #[error("message frame is not JSON: {0}")]
     Json(#[from] serde_json::Error),
+    /// A header/metadata frame is larger than any kernel sends.
+    #[error("message {0} frame of {1} bytes is over the size limit")]
+    Oversized(&'static str, usize),
+    /// An oversized content frame is not a JSON object.
+    #[error("oversized message content is not a JSON object (at byte {0})")]
+    BadContent(usize),
 }
 
 /// HMAC-SHA256 signer for one connection (key from the connection file).
@@ -204,6 +210,24 @@ impl Message {
 
     /// Decodes ZeroMQ frames (identities before the delimiter are ignored).
     pub fn from_frames<B: AsRef<[u8]>>(frames: &[B], signer: &Signer) -> Result<Self, WireError> {
+        Self::from_frames_capped(frames, signer, usize::MAX)
+    }
+
+    /// [`Message::from_frames`] with a bound on what is built from the frames: a content frame
+    /// over `max_content` bytes is not parsed into a `Value` as a whole (that costs about twice
+    /// its size again, on top of the frame) but cut down while scanning it: its large strings
+    /// (a stream's `text`, an error's `evalue`) keep their first `max_content` bytes plus a
+    /// note, a large `data` bundle or `traceback` is replaced by a short notice, other large
+    /// values are left out (see [`oversized_content`]). Header, parent header and metadata
+    /// frames over `max_content` (at least 64 KiB) make the message an error
+    /// ([`WireError::Oversized`]);
+    /// binary buffers are dropped when they are over it in total (the executor does not
+    /// use them).
+    pub fn from_frames_capped<B: AsRef<[u8]>>(
+        frames: &[B],
+        signer: &Signer,
+        max_content: usize,
+    ) -> Result<Self, WireError> {
         let delim = frames
             .iter()
             .position(|f| f.as_ref() == DELIMITER)
@@ -221,14 +245,251 @@ impl Message {
         if !signer.verify(&parts, rest[0].as_ref()) {
             return Err(WireError::BadSignature);
         }
+        for (what, part) in [
+            ("header", parts[0]),
+            ("parent header", parts[1]),
+            ("metadata", parts[2]),
+        ] {
+            if part.len() > max_content.max(SMALL_VALUE) {
+                return Err(WireError::Oversized(what, part.len()));
+            }
+        }
+        let header = object_or_empty(serde_json::from_slice(parts[0])?);
+        let content = if parts[3].len() > max_content {
+            let msg_type = header.get("msg_type").and_then(Value::as_str).unwrap_or("");
+            oversized_content(msg_type, parts[3], max_content)?
+        } else {
+            object_or_empty(serde_json::from_slice(parts[3])?)
+        };
+        let buffers = &rest[5..];
+        let buffer_bytes: usize = buffers.iter().map(|b| b.as_ref().len()).sum();
         Ok(Message {
-            header: object_or_empty(serde_json::from_slice(parts[0])?),
+            header,
             parent_header: object_or_empty(serde_json::from_slice(parts[1])?),
             metadata: object_or_empty(serde_json::from_slice(parts[2])?),
-            content: object_or_empty(serde_json::from_slice(parts[3])?),
-            buffers: rest[5..].iter().map(|b| b.as_ref().to_vec()).collect(),
+            content,
+            buffers: if buffer_bytes > max_content {
+                Vec::new()
+            } else {
+                buffers.iter().map(|b| b.as_ref().to_vec()).collect()
+            },
         })
     }
+}
+
+/// Values up to this size in an oversized content frame are parsed as they are.
+const SMALL_VALUE: usize = 64 * 1024;
+
+/// The content of a message whose content frame (`raw`) is over `max` bytes, built without
+/// parsing `raw` as a whole: one pass over its top-level members; members up to
+/// [`SMALL_VALUE`] bytes are kept as they are, a large string keeps its first `max` bytes and
+/// a note saying how large it was (the executor then truncates it with its visible marker), a
+/// large `data` (display_data / execute_result mime bundle) becomes a `text/plain` notice, a
+/// large `traceback` a one-line notice, any other large member is left out. Peak memory is
+/// about `max` beyond the frame itself.
+pub fn oversized_content(msg_type: &str, raw: &[u8], max: usize) -> Result<Value, WireError> {
+    let mut out = Map::new();
+    let mut i = skip_ws(raw, 0);
+    if raw.get(i) != Some(&b'{') {
+        return Err(WireError::BadContent(i));
+    }
+    i = skip_ws(raw, i + 1);
+    if raw.get(i) == Some(&b'}') {
+        return Ok(Value::Object(out));
+    }
+    loop {
+        if raw.get(i) != Some(&b'"') {
+            return Err(WireError::BadContent(i));
+        }
+        let key_end = skip_value(raw, i).ok_or(WireError::BadContent(i))?;
+        let key: String = serde_json::from_slice(&raw[i..key_end])?;
+        i = skip_ws(raw, key_end);
+        if raw.get(i) != Some(&b':') {
+            return Err(WireError::BadContent(i));
+        }
+        let start = skip_ws(raw, i + 1);
+        let end = skip_value(raw, start).ok_or(WireError::BadContent(start))?;
+        let span = &raw[start..end];
+        let notice = format!(
+            "[om-worker: {msg_type} {key} of {} bytes omitted: over the {max}-byte message limit]",
+            span.len()
+        );
+        if span.len() <= SMALL_VALUE.min(max) {
+            out.insert(key, serde_json::from_slice(span)?);
+        } else if span.first() == Some(&b'"') {
+            let mut text = string_prefix(&span[1..span.len() - 1], max)?;
+            text.push_str(&format!(
+                "\n... [om-worker: {msg_type} {key} of {} bytes cut to its first {max} bytes]\n",
+                span.len()
+            ));
+            out.insert(key, Value::String(text));
+        } else if key == "data" {
+            out.insert(key, json!({ "text/plain": notice }));
+        } else if key == "traceback" {
+            out.insert(key, json!([notice]));
+        }
+        i = skip_ws(raw, end);
+        match raw.get(i) {
+            Some(b',') => i = skip_ws(raw, i + 1),
+            Some(b'}') => return Ok(Value::Object(out)),
+            _ => return Err(WireError::BadContent(i)),
+        }
+    }
+}
+
+fn skip_ws(raw: &[u8], mut i: usize) -> usize {
+    while matches!(raw.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        i += 1;
+    }
+    i
+}
+
+/// End (exclusive) of the JSON value starting at `i`, found without building it (strings are
+/// skipped escape-aware, containers by depth); `None` when it does not end inside `raw`.
+fn skip_value(raw: &[u8], i: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut j = i;
+    loop {
+        match *raw.get(j)? {
+            b'"' => {
+                j += 1;
+                loop {
+                    let k = j + raw
+                        .get(j..)?
+                        .iter()
+                        .position(|&b| b == b'"' || b == b'\\')?;
+                    if raw[k] == b'\\' {
+                        j = k + 2;
+                    } else {
+                        j = k + 1;
+                        break;
+                    }
+                }
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                j += 1;
+            }
+            b'}' | b']' => {
+                depth = depth.checked_sub(1)?;
+                j += 1;
+            }
+            _ if depth > 0 => j += 1,
+            _ => {
+                // a scalar at top level: up to the next delimiter
+                while !matches!(
+                    raw.get(j),
+                    None | Some(b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r')
+                ) {
+                    j += 1;
+                }
+                return Some(j);
+            }
+        }
+        if depth == 0 {
+            return Some(j);
+        }
+    }
+}
+
+/// The decoded first (about) `max` bytes of a JSON string's raw inner bytes: cut before an
+/// escape sequence or a UTF-8 sequence it would split, then decoded by serde_json.
+fn string_prefix(inner: &[u8], max: usize) -> Result<String, WireError> {
+    let mut cut = inner.len().min(max);
+    // An escape is at most 12 bytes (a surrogate pair `\uD83D\uDE00`): never cut into one.
+    let tail_from = cut.saturating_sub(12);
+    if let Some(p) = inner[tail_from..cut].iter().rposition(|&b| b == b'\\') {
+        cut = escape_start(inner, tail_from + p);
+    }
+    let mut tries = 0;
+    loop {
+        while cut > 0 && cut < inner.len() && (inner[cut] & 0xC0) == 0x80 {
+            cut -= 1;
+        }
+        match unescape_json_str(&inner[..cut]) {
+            Ok(s) => return Ok(s),
+            // e.g. the cut split a surrogate pair: step back one more escape
+            Err(_) if tries < 4 && cut > 0 => {
+                tries += 1;
+                let from = cut.saturating_sub(12);
+                cut = match inner[from..cut].iter().rposition(|&b| b == b'\\') {
+                    Some(p) => escape_start(inner, from + p),
+                    None => from,
+                };
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The inner bytes of a JSON string (no quotes) decoded into one allocation of at most their
+/// size (escapes only shrink): what serde_json would return for it quoted, without building
+/// the quoted copy first.
+fn unescape_json_str(inner: &[u8]) -> Result<String, WireError> {
+    let bad = || WireError::BadContent(0);
+    if inner.iter().any(|&b| b < 0x20) {
+        // raw control characters are not valid inside a JSON string
+        return Err(bad());
+    }
+    let mut out: Vec<u8> = Vec::with_capacity(inner.len());
+    let mut i = 0;
+    while i < inner.len() {
+        let Some(off) = inner[i..].iter().position(|&b| b == b'\\') else {
+            out.extend_from_slice(&inner[i..]);
+            break;
+        };
+        out.extend_from_slice(&inner[i..i + off]);
+        i += off;
+        let esc = *inner.get(i + 1).ok_or_else(bad)?;
+        i += 2;
+        let c = match esc {
+            b'"' => '"',
+            b'\\' => '\\',
+            b'/' => '/',
+            b'b' => '\u{8}',
+            b'f' => '\u{c}',
+            b'n' => '\n',
+            b'r' => '\r',
+            b't' => '\t',
+            b'u' => {
+                let hex4 = |at: usize| -> Option<u32> {
+                    let h = inner.get(at..at + 4)?;
+                    u32::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok()
+                };
+                let hi = hex4(i).ok_or_else(bad)?;
+                i += 4;
+                if (0xD800..0xDC00).contains(&hi) {
+                    if inner.get(i..i + 2) != Some(&b"\\u"[..]) {
+                        return Err(bad());
+                    }
+                    let lo = hex4(i + 2).ok_or_else(bad)?;
+                    if !(0xDC00..0xE000).contains(&lo) {
+                        return Err(bad());
+                    }
+                    i += 6;
+                    char::from_u32(0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00))
+                        .ok_or_else(bad)?
+                } else {
+                    char::from_u32(hi).ok_or_else(bad)?
+                }
+            }
+            _ => return Err(bad()),
+        };
+        let mut buf = [0u8; 4];
+        out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+    }
+    String::from_utf8(out).map_err(|_| bad())
+}
+
+/// The start of the escape that the backslash at `q` belongs to: the first of a run of
+/// backslashes, or the one before when the run has even length up to `q` (an escaped `\\`).
+fn escape_start(inner: &[u8], q: usize) -> usize {
+    let mut first = q;
+    while first > 0 && inner[first - 1] == b'\\' {
+        first -= 1;
+    }
+    // backslashes first..=q pair up from `first`: cutting at an even offset keeps pairs whole
+    first + ((q - first) & !1)
 }
 
 /// nbclient's timestamp format.
@@ -307,6 +568,134 @@ mod tests {
         }
         assert!(!Signer::new("k").verify(&[b"a"], b"zz"));
         assert!(!Signer::new("k").verify(&[b"a"], b"abc"));
+    }
+
+    fn frames_with_content(content: &[u8], msg_type: &str) -> Vec<Vec<u8>> {
+        let signer = Signer::new("k");
+        let header = json_bytes(&json!({"msg_type": msg_type, "msg_id": "m1"}));
+        let parts: [&[u8]; 4] = [&header, b"{}", b"{}", content];
+        vec![
+            DELIMITER.to_vec(),
+            signer.sign(&parts).into_bytes(),
+            header.clone(),
+            b"{}".to_vec(),
+            b"{}".to_vec(),
+            content.to_vec(),
+        ]
+    }
+
+    #[test]
+    fn oversized_stream_keeps_a_prefix_and_says_so() {
+        let text = format!("{}\n{}", "x".repeat(3000), "é".repeat(2000));
+        let raw = json_bytes(&json!({"name": "stdout", "text": text}));
+        let frames = frames_with_content(&raw, "stream");
+        let m = Message::from_frames_capped(&frames, &Signer::new("k"), 1000).expect("decode");
+        assert_eq!(m.content["name"], "stdout");
+        let got = m.content["text"].as_str().expect("text");
+        assert!(got.starts_with(&"x".repeat(990)), "{got}");
+        assert!(got.contains("om-worker: stream text of"), "{got}");
+        assert!(got.len() < 1200, "{}", got.len());
+        // under the cap: decoded as it is
+        let m = Message::from_frames_capped(&frames, &Signer::new("k"), raw.len()).expect("decode");
+        assert_eq!(m.content["text"], Value::String(text));
+    }
+
+    #[test]
+    fn oversized_display_data_is_replaced_by_a_notice() {
+        let raw = json_bytes(&json!({
+            "data": {"image/png": "A".repeat(200_000), "text/plain": "<Figure>"},
+            "metadata": {"a": 1},
+            "transient": {"display_id": "d1"},
+            "execution_count": 3,
+        }));
+        let frames = frames_with_content(&raw, "execute_result");
+        let m = Message::from_frames_capped(&frames, &Signer::new("k"), 100_000).expect("decode");
+        let note = m.content["data"]["text/plain"].as_str().expect("notice");
+        assert!(
+            note.contains("omitted") && note.contains("execute_result data"),
+            "{note}"
+        );
+        assert!(m.content["data"].get("image/png").is_none());
+        assert_eq!(m.content["execution_count"], 3);
+        assert_eq!(m.content["transient"]["display_id"], "d1");
+        assert_eq!(m.content["metadata"]["a"], 1);
+    }
+
+    #[test]
+    fn string_prefix_never_splits_escapes_or_chars() {
+        // every cut position of a string full of escapes, surrogate pairs and multibyte chars
+        let s = "a\\b\"c\n😀é\u{1}\\\\😀x".repeat(20);
+        let raw = json_bytes(&Value::String(s.clone()));
+        let inner = &raw[1..raw.len() - 1];
+        for max in 0..inner.len() + 2 {
+            let p = string_prefix(inner, max).expect("prefix decodes");
+            assert!(s.starts_with(&p), "max {max}: {p:?}");
+            // at most one escape (12 bytes) and one UTF-8 sequence (3) short of the raw bytes
+            let kept = json_bytes(&Value::String(p.clone())).len() - 2;
+            assert!(
+                kept + 16 >= max.min(inner.len()),
+                "max {max}: only {kept} bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn unescape_matches_serde_json() {
+        for raw in [
+            &br#"plain"#[..],
+            br#"a\\b\"c\/d\b\f\n\r\t"#,
+            br#"\u00e9\u0001\ud83d\ude00x"#,
+            "ünï😀".as_bytes(),
+            b"",
+        ] {
+            let mut quoted = b"\"".to_vec();
+            quoted.extend_from_slice(raw);
+            quoted.push(b'"');
+            let want: String = serde_json::from_slice(&quoted).expect("valid");
+            assert_eq!(unescape_json_str(raw).expect("decodes"), want);
+        }
+        for bad in [
+            &br#"\"#[..],
+            br#"\x"#,
+            br#"\ud83d"#,
+            br#"\ud83dx"#,
+            br#"\ude00"#,
+            br#"\u12"#,
+            b"raw\x01",
+            b"\xff",
+        ] {
+            assert!(
+                unescape_json_str(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_garbage_is_an_error_not_a_panic() {
+        let signer = Signer::new("k");
+        for raw in [
+            &b"[1,2,3]"[..],
+            b"{\"text\": \"unterminated",
+            b"{\"text\" 1}",
+            b"{\"a\": {\"b\": [1, 2}",
+            b"{",
+            b"{\"a\": 1,",
+            b"\"just a string\"",
+        ] {
+            let frames = frames_with_content(raw, "stream");
+            let r = Message::from_frames_capped(&frames, &signer, 2);
+            assert!(r.is_err(), "{:?}", String::from_utf8_lossy(raw));
+        }
+        let frames = frames_with_content(b" { } ", "stream");
+        let m = Message::from_frames_capped(&frames, &signer, 2).expect("empty object");
+        assert_eq!(m.content, json!({}));
+        let big_header = frames_with_content(b"{}", &"t".repeat(SMALL_VALUE));
+        assert!(matches!(
+            Message::from_frames_capped(&big_header, &signer, 50),
+            Err(WireError::Oversized("header", _))
+        ));
     }
 
     #[test]

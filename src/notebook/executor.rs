@@ -396,7 +396,7 @@ impl Executor {
     /// run stopped early. Never leaves the kernel running.
     pub async fn run(&self, mut notebook: Notebook, opts: RunOptions) -> RunOutcome {
         let started = Instant::now();
-        let run_deadline = opts.timeout.map(|t| tokio::time::Instant::now() + t);
+        let run_deadline = opts.timeout.and_then(deadline_after);
         let kernel_name = opts
             .kernel_name
             .clone()
@@ -610,7 +610,7 @@ impl Executor {
             reply: None,
             idle: false,
         };
-        let cell_deadline = opts.cell_timeout.map(|t| tokio::time::Instant::now() + t);
+        let cell_deadline = opts.cell_timeout.and_then(deadline_after);
 
         let stop = self
             .pump(
@@ -729,7 +729,8 @@ impl Executor {
                 ev = kernel.client.next_event() => match ev {
                     Some(ClientEvent::Message(Channel::IoPub, msg)) => {
                         if msg.parent_msg_id() == Some(cs.msg_id.as_str()) {
-                            self.process_iopub(nb, state, cs, &msg);
+                            let mut msg = msg;
+                            self.process_iopub(nb, state, cs, &mut msg);
                         }
                     }
                     Some(ClientEvent::Message(Channel::Shell, msg)) => {
@@ -774,9 +775,10 @@ impl Executor {
         nb: &mut Notebook,
         state: &mut RunState,
         cs: &mut CellState,
-        msg: &Message,
+        msg: &mut Message,
     ) {
-        let msg_type = msg.msg_type();
+        let msg_type = msg.msg_type().to_owned();
+        let msg_type = msg_type.as_str();
         let content = &msg.content;
         let display_id = content
             .get("transient")
@@ -832,7 +834,14 @@ impl Executor {
             "update_display_data" => {}
             t if t.starts_with("comm") => {}
             _ => {
-                if let Some(out) = output_from_msg(msg_type, content) {
+                // A stream's text is moved, not copied: it can be as large as the
+                // message limit (kernel/client.rs MAX_CONTENT_BYTES).
+                let out = if msg_type == "stream" {
+                    Some(stream_output(std::mem::take(&mut msg.content)))
+                } else {
+                    output_from_msg(msg_type, content)
+                };
+                if let Some(out) = out {
                     if cs.clear_before_next {
                         clear_cell(nb, state, cs);
                         cs.clear_before_next = false;
@@ -912,6 +921,8 @@ impl Executor {
                     if budget > 0 {
                         let cut = floor_char_boundary(text, budget);
                         text.truncate(cut);
+                        // give back what was cut (a message can be 16 MiB)
+                        text.shrink_to_fit();
                         cs.bytes += cut;
                         push_output(nb, cs, out, self.config.stream_merge);
                     }
@@ -996,6 +1007,29 @@ fn emit(opts: &RunOptions, p: Progress) {
     }
 }
 
+/// `now + d`, or no deadline at all when that is past what an `Instant` can hold: a timeout
+/// comes from a message (`timeout=1e308`) and must never overflow into a panic.
+fn deadline_after(d: Duration) -> Option<tokio::time::Instant> {
+    tokio::time::Instant::now().checked_add(d)
+}
+
+/// Seconds from outside (a message, a notebook's metadata) as a timeout: positive and finite,
+/// clamped to [`MAX_TIMEOUT`] (larger values mean "no practical limit" and would otherwise
+/// overflow `Duration`/`Instant` arithmetic). `None` for anything else.
+pub fn timeout_from_secs(secs: f64) -> Option<Duration> {
+    if !(secs > 0.0 && secs.is_finite()) {
+        return None;
+    }
+    Some(
+        Duration::try_from_secs_f64(secs)
+            .unwrap_or(MAX_TIMEOUT)
+            .min(MAX_TIMEOUT),
+    )
+}
+
+/// The longest timeout taken from input: one year (beyond any worker's time limit).
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+
 async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
@@ -1019,6 +1053,16 @@ fn set_timing(cell: &mut Cell, key: &str, msg: &Message) {
 
 fn str_field<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
     v.get(key).and_then(Value::as_str)
+}
+
+/// [`output_from_msg`] for a `stream` message, moving its text out of `content`.
+fn stream_output(mut content: Value) -> Value {
+    let name = str_field(&content, "name").unwrap_or("stdout").to_owned();
+    let text = match content.get_mut("text").map(Value::take) {
+        Some(Value::String(s)) => s,
+        _ => String::new(),
+    };
+    json!({"output_type": "stream", "name": name, "text": text})
 }
 
 /// `nbformat.v4.output_from_msg` with nbformat's `new_output` defaults for missing fields;

@@ -44,8 +44,10 @@ macro_rules! say {
 fn secs(s: Option<f64>) -> anyhow::Result<Option<Duration>> {
     match s {
         None => Ok(None),
-        Some(v) if v.is_finite() && v > 0.0 => Ok(Some(Duration::from_secs_f64(v))),
-        Some(v) => anyhow::bail!("invalid timeout {v}: must be a positive number of seconds"),
+        Some(v) => match crate::notebook::executor::timeout_from_secs(v) {
+            Some(d) => Ok(Some(d)),
+            None => anyhow::bail!("invalid timeout {v}: must be a positive number of seconds"),
+        },
     }
 }
 

@@ -23,6 +23,9 @@ pub const NOTEBOOK_KIND: &str = "script.ipynb";
 /// GridFS chunk size pymongo uses.
 pub const CHUNK_SIZE: usize = 261_120;
 
+/// GridFS chunks written per `insert_many` (16 × 255 KiB ≈ 4 MiB).
+const CHUNKS_PER_INSERT: usize = 16;
+
 /// Errors talking to omega|ml's MongoDB.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -324,21 +327,24 @@ impl Store {
     pub async fn write_file(&self, bucket: &str, data: &[u8]) -> Result<ObjectId, StoreError> {
         let fs = gridfs_prefix(bucket);
         let id = ObjectId::new();
-        let chunks: Vec<Document> = data
-            .chunks(CHUNK_SIZE)
-            .enumerate()
-            .map(|(n, part)| {
-                doc! {
-                    "files_id": id,
-                    "n": n as i32,
-                    "data": Binary { subtype: BinarySubtype::Generic, bytes: part.to_vec() },
-                }
-            })
-            .collect();
-        if !chunks.is_empty() {
-            self.db
-                .collection::<Document>(&format!("{fs}.chunks"))
-                .insert_many(chunks)
+        // Chunks go in batches of CHUNKS_PER_INSERT (about 4 MiB), so a 50 MiB
+        // results notebook is not copied whole into chunk documents and again
+        // into the driver's message buffer while its text is still held.
+        let chunks = self.db.collection::<Document>(&format!("{fs}.chunks"));
+        for (b, batch) in data.chunks(CHUNK_SIZE * CHUNKS_PER_INSERT).enumerate() {
+            let docs: Vec<Document> = batch
+                .chunks(CHUNK_SIZE)
+                .enumerate()
+                .map(|(n, part)| {
+                    doc! {
+                        "files_id": id,
+                        "n": (b * CHUNKS_PER_INSERT + n) as i32,
+                        "data": Binary { subtype: BinarySubtype::Generic, bytes: part.to_vec() },
+                    }
+                })
+                .collect();
+            chunks
+                .insert_many(docs)
                 .await
                 .map_err(mongo("insert GridFS chunks"))?;
         }

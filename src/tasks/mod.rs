@@ -29,7 +29,17 @@ pub enum CancelReason {
     Revoked,
     /// The worker is shutting down and the grace period is over.
     Shutdown,
+    /// The hard time limit passed (Celery: `TimeLimitExceeded`); a durable
+    /// task gets [`HARD_LIMIT_RECORD_GRACE`] to stop and record its run
+    /// before it is dropped.
+    HardTimeLimit,
 }
+
+/// How long a durable task (a notebook run) may take, after its hard time
+/// limit, to stop its kernel and record the ERROR run. Celery kills the pool
+/// process and omega|ml records nothing; om-worker records the run, as for
+/// the soft limit, so `job_runs` and `attributes.state` say what happened.
+pub const HARD_LIMIT_RECORD_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What a task may know about the worker running it.
 #[derive(Debug, Clone)]

@@ -252,10 +252,16 @@ impl PythonTask {
             .envs(extra_env)
             .current_dir(&rt.cwd)
             .stdin(std::process::Stdio::null())
+            // logged line by line, escaped (crate::logging::forward_child_stderr)
+            .stderr(std::process::Stdio::piped())
             .process_group(0);
-        let child = cmd
+        let mut child = cmd
             .spawn()
             .map_err(|e| internal(format!("cannot start {}: {e}", rt.python.display())))?;
+        if let Some(stderr) = child.stderr.take() {
+            let pid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+            crate::logging::forward_child_stderr(stderr, "task stderr", pid);
+        }
         KernelProcess::adopt(child, &rt.kernels)
             .map_err(|e| internal(format!("cannot track the task process: {e}")))
     }

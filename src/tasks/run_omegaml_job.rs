@@ -9,14 +9,14 @@
 //! status ERROR; only a missing notebook or a storage failure is a FAILURE.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use tracing::{info, warn};
 
 use super::{split_system_kwargs, CancelReason, Output, Task, TaskContext, TaskError};
 use crate::kernel::KernelEnv;
-use crate::notebook::executor::{Executor, RunError, RunOptions};
+use crate::notebook::executor::{timeout_from_secs, Executor, RunError, RunOptions};
 use crate::notebook::model::Notebook;
 use crate::protocol::{TaskMessage, Value};
 use crate::store::{self, JobRun, Store};
@@ -107,9 +107,9 @@ impl RunOmegamlJob {
         }
         let cell_timeout = match msg.kwarg("timeout").or(msg.args.get(2)) {
             None | Some(Value::None) => None,
-            Some(v) => match v.as_f64() {
-                Some(s) if s > 0.0 && s.is_finite() => Some(Duration::from_secs_f64(s)),
-                _ => {
+            Some(v) => match v.as_f64().and_then(timeout_from_secs) {
+                Some(d) => Some(d),
+                None => {
                     return Err(TaskError::type_error(format!(
                         "timeout must be a positive number or None, not {}",
                         v.repr()
@@ -199,10 +199,7 @@ impl RunOmegamlJob {
                 .or_else(|| t.as_i32().map(f64::from))
         });
         let opts = RunOptions {
-            cell_timeout: ep_timeout
-                .filter(|s| *s > 0.0 && s.is_finite())
-                .map(Duration::from_secs_f64)
-                .or(cell_timeout),
+            cell_timeout: ep_timeout.and_then(timeout_from_secs).or(cell_timeout),
             kernel_name: ep
                 .and_then(|d| d.get_str("kernel_name").ok())
                 .filter(|s| !s.is_empty())
@@ -233,6 +230,9 @@ impl RunOmegamlJob {
                     Some(CancelReason::Shutdown) => {
                         "WorkerShutdown('interrupted by worker shutdown')"
                     }
+                    Some(CancelReason::HardTimeLimit) => {
+                        "TimeLimitExceeded('hard time limit exceeded')"
+                    }
                 }
                 .to_owned(),
             ),
@@ -248,6 +248,10 @@ impl RunOmegamlJob {
         // 3. the results notebook, then the task's metadata
         let results = store::results_name(&nb_file, ts);
         let body = outcome.notebook.to_ipynb_string();
+        // Only the text is stored: free the executed notebook (up to the output
+        // caps, 50 MiB) before the write holds its chunks too.
+        let kernel_startup = outcome.timings.kernel_startup;
+        drop(outcome);
         let created = store::now_local();
         let put = store::retrying("store the results notebook", id, |attempt| {
             let (bucket, results, nb_file, body) = (&bucket, &results, &nb_file, &body);
@@ -272,15 +276,19 @@ impl RunOmegamlJob {
             message: store::truncate_message(&message),
             results: results.clone(),
         };
+        // Past the hard time limit the client gets TimeLimitExceeded (a FAILURE):
+        // the task's state says so too.
+        let state = if ctx.cancelled_because() == Some(CancelReason::HardTimeLimit) {
+            "FAILURE"
+        } else {
+            "SUCCESS"
+        };
         store::retrying("record the run", id, |_| {
-            self.store.record_run(meta.id, &run, "SUCCESS", id)
+            self.store.record_run(meta.id, &run, state, id)
         })
         .await
         .map_err(storage_failure)?;
-        let kernel_ready_ms = outcome
-            .timings
-            .kernel_startup
-            .map_or(0.0, |d| d.as_secs_f64() * 1e3);
+        let kernel_ready_ms = kernel_startup.map_or(0.0, |d| d.as_secs_f64() * 1e3);
         info!(
             task_id = id,
             meta_read_ms,

@@ -12,7 +12,9 @@ use tracing::{error, warn};
 
 use crate::ledger::Ledger;
 use crate::protocol::{ExceptionInfo, TaskMessage};
-use crate::tasks::{CancelReason, ErrorKind, Output, Task, TaskContext, TaskError};
+use crate::tasks::{
+    CancelReason, ErrorKind, Output, Task, TaskContext, TaskError, HARD_LIMIT_RECORD_GRACE,
+};
 
 /// Runs `task` to its outcome within `hard` seconds.
 pub async fn run_limited(
@@ -31,9 +33,10 @@ pub async fn run_limited(
                 ctx.cancel_with(CancelReason::SoftTimeLimit);
             })
         });
-    let run = AssertUnwindSafe(task.run(ctx, msg)).catch_unwind();
+    let run = AssertUnwindSafe(task.run(ctx.clone(), msg)).catch_unwind();
+    tokio::pin!(run);
     let hard_limit = Duration::try_from_secs_f64(hard).unwrap_or(Duration::MAX);
-    let outcome = match tokio::time::timeout(hard_limit, run).await {
+    let outcome = match tokio::time::timeout(hard_limit, &mut run).await {
         Ok(Ok(result)) => result,
         Ok(Err(panic)) => {
             let what = panic
@@ -48,13 +51,26 @@ pub async fn run_limited(
                 kind: ErrorKind::Failure,
             })
         }
-        Err(_) => Err(TaskError {
-            exception: ExceptionInfo::time_limit_exceeded(hard),
-            traceback: Some(format!(
-                "TimeLimitExceeded: hard time limit ({hard}s) exceeded\n"
-            )),
-            kind: ErrorKind::Failure,
-        }),
+        Err(_) => {
+            if task.durable() {
+                // Let a notebook run stop its kernel and record its ERROR run
+                // (bounded); the client gets TimeLimitExceeded either way.
+                ctx.cancel_with(CancelReason::HardTimeLimit);
+                if tokio::time::timeout(HARD_LIMIT_RECORD_GRACE, &mut run)
+                    .await
+                    .is_err()
+                {
+                    warn!(task_id = %msg.id, "task did not record its run within {HARD_LIMIT_RECORD_GRACE:?} of the hard time limit; dropped");
+                }
+            }
+            Err(TaskError {
+                exception: ExceptionInfo::time_limit_exceeded(hard),
+                traceback: Some(format!(
+                    "TimeLimitExceeded: hard time limit ({hard}s) exceeded\n"
+                )),
+                kind: ErrorKind::Failure,
+            })
+        }
     };
     if let Some(t) = soft_timer {
         t.abort();

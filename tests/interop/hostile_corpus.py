@@ -880,6 +880,17 @@ def _(ctx):
     return _job(("nonexistent-nb",), {"timeout": "ten minutes"})
 
 
+@case("job_timeout_1e308", "FAILURE", "AssertionError", "Cannot run non-existent jobs omw-no-such-nb-t")
+def _(ctx):
+    # issue 13: Duration::from_secs_f64(1e308) panicked (FAILURE "cannot convert float seconds")
+    return _job(("omw-no-such-nb-t",), {"timeout": 1e308})
+
+
+@case("job_timeout_inf_positional", "FAILURE", "TypeError", "timeout must be a positive number")
+def _(ctx):
+    return _job(("omw-no-such-nb-t", None, float("inf")))
+
+
 @case("job_extra_positional_args", "FAILURE", "TypeError", "takes from 1 to 3 positional arguments")
 def _(ctx):
     return _job(("a", None, None, "x", "y"))

@@ -17,8 +17,14 @@ use crate::protocol::{Outgoing, RawMessage};
 pub(super) fn to_raw_message(d: &lapin::message::Delivery) -> RawMessage {
     let p = &d.properties;
     let s = |v: &Option<ShortString>| v.as_ref().map(|x| x.as_str().to_owned());
+    // Over the size limit: not copied, not decoded (a FAILURE for its id).
+    let too_large = d.data.len() > crate::broker::MAX_MESSAGE_BYTES;
     RawMessage {
-        body: d.data.clone(),
+        body: if too_large {
+            Vec::new()
+        } else {
+            d.data.clone()
+        },
         content_type: s(p.content_type()),
         content_encoding: s(p.content_encoding()),
         headers: p
@@ -34,7 +40,7 @@ pub(super) fn to_raw_message(d: &lapin::message::Delivery) -> RawMessage {
         redelivered: d.redelivered,
         exchange: d.exchange.as_str().to_owned(),
         routing_key: d.routing_key.as_str().to_owned(),
-        transport_error: None,
+        transport_error: too_large.then(|| crate::broker::too_large(d.data.len())),
     }
 }
 

@@ -260,7 +260,15 @@ async fn deliver(
     permit: Option<OwnedSemaphorePermit>,
     tx: &mpsc::Sender<Delivery>,
 ) -> bool {
-    let (mut message, tag) = match envelope::parse(&item) {
+    // Over the size limit: not decoded; its id (if readable) gets a FAILURE.
+    let parsed = if item.len() > crate::broker::MAX_MESSAGE_BYTES {
+        Err(envelope::EnvelopeError::Body(crate::broker::too_large(
+            item.len(),
+        )))
+    } else {
+        envelope::parse(&item)
+    };
+    let (mut message, tag) = match parsed {
         Ok(v) => v,
         Err(e) => {
             let preview: String = String::from_utf8_lossy(&item).chars().take(200).collect();
