@@ -65,6 +65,12 @@ struct State {
     settled: Vec<Settled>,
     published: Vec<Published>,
     fail_acks: bool,
+    /// This many following settlements fail (then they work again).
+    fail_next: usize,
+    /// While set, settlements wait (a slow ack in flight).
+    paused: bool,
+    /// Settlements waiting while paused.
+    waiting: usize,
     /// Settlements refused while `fail_acks` was on.
     failed_settlements: usize,
     fail_publish: bool,
@@ -123,7 +129,8 @@ impl Inner {
     fn settle(self: &Arc<Self>, tag: u64, held: bool, how: Settlement) -> Result<(), BrokerError> {
         {
             let mut st = self.lock();
-            if st.fail_acks {
+            if st.fail_acks || st.fail_next > 0 {
+                st.fail_next = st.fail_next.saturating_sub(1);
                 st.failed_settlements += 1;
                 drop(st);
                 self.changed.notify_waiters();
@@ -217,7 +224,25 @@ impl MemoryBroker {
         self.inner.lock().fail_acks = fail;
     }
 
-    /// Settlements refused so far by [`MemoryBroker::fail_acks`].
+    /// Makes the next `n` acks/rejects fail as after a lost connection.
+    pub fn fail_next_settlements(&self, n: usize) {
+        self.inner.lock().fail_next = n;
+    }
+
+    /// While paused, acks/rejects wait (an ack in flight on a connection
+    /// that is going away); they go on, failing or not, once resumed.
+    pub fn pause_settlements(&self, paused: bool) {
+        self.inner.lock().paused = paused;
+        self.inner.changed.notify_waiters();
+    }
+
+    /// Acks/rejects waiting on [`MemoryBroker::pause_settlements`].
+    pub fn settlements_waiting(&self) -> usize {
+        self.inner.lock().waiting
+    }
+
+    /// Settlements refused so far by [`MemoryBroker::fail_acks`] (or
+    /// [`MemoryBroker::fail_next_settlements`]).
     pub fn failed_settlements(&self) -> usize {
         self.inner.lock().failed_settlements
     }
@@ -326,15 +351,49 @@ impl MemoryAcker {
     fn held(&self) -> bool {
         *self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Waits while settlements are paused.
+    async fn unpaused(&self) {
+        let mut counted = false;
+        loop {
+            let newly_waiting = {
+                let mut st = self.inner.lock();
+                if !st.paused {
+                    if counted {
+                        st.waiting -= 1;
+                    }
+                    return;
+                }
+                let newly = !counted;
+                if newly {
+                    st.waiting += 1;
+                    counted = true;
+                }
+                newly
+            };
+            if newly_waiting {
+                // Tests wait for this count: tell them, before listening.
+                self.inner.changed.notify_waiters();
+                continue;
+            }
+            let changed = self.inner.changed.notified();
+            if !self.inner.lock().paused {
+                continue;
+            }
+            changed.await;
+        }
+    }
 }
 
 #[async_trait]
 impl Acker for MemoryAcker {
     async fn ack(&self) -> Result<(), BrokerError> {
+        self.unpaused().await;
         self.inner.settle(self.tag, self.held(), Settlement::Acked)
     }
 
     async fn reject(&self, requeue: bool) -> Result<(), BrokerError> {
+        self.unpaused().await;
         let how = if requeue {
             Settlement::Requeued
         } else {

@@ -97,8 +97,12 @@ struct Shared {
     db: i64,
     client: Client,
     cmd: Conn,
-    /// Delivery tags popped by this broker and not yet settled.
-    unsettled: std::sync::Mutex<HashSet<String>>,
+    /// Delivery tags popped by this broker and not yet settled, with the
+    /// copy kept to restore them (see `unacked::HeldCopy`).
+    unsettled: std::sync::Mutex<std::collections::HashMap<String, Arc<unacked::HeldCopy>>>,
+    /// Tags acked while Redis was unreachable, whose `unacked` entries are
+    /// removed once it answers (see `Shared::ack_later`).
+    acking: std::sync::Mutex<HashSet<String>>,
     consumer_stop: Mutex<CancellationToken>,
     consumer: Mutex<Option<JoinHandle<()>>>,
     shutdown: CancellationToken,
@@ -127,7 +131,8 @@ impl Shared {
             db,
             client,
             cmd,
-            unsettled: std::sync::Mutex::new(HashSet::new()),
+            unsettled: std::sync::Mutex::default(),
+            acking: std::sync::Mutex::default(),
             consumer_stop: Mutex::new(CancellationToken::new()),
             consumer: Mutex::new(None),
             shutdown: CancellationToken::new(),
@@ -225,6 +230,7 @@ impl Broker for RedisBroker {
         self.shared.closed.store(true, Ordering::SeqCst);
         let n = self.shared.restore_own().await;
         debug!(restored = n, "restored own unsettled deliveries on close");
+        self.shared.ack_pending_once().await;
         self.shared.shutdown.cancel();
         let restorer = self.shared.restorer.lock().await.take();
         if let Some(h) = restorer {
