@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import pytest
 
 import faults_util as fu
-from conftest import AMQP_URL, REDIS_URL, Broker, wait_until
+from conftest import AMQP_URL, REDIS_URL, Broker, rabbitmqctl, wait_until
 
 WORKER_KERNELS = False
 OUTAGE_S = 10
@@ -134,4 +134,44 @@ def test_result_backend_outage_on_rabbitmq_delivers_every_result_after_it(
     assert re.search(r"delivered result state SUCCESS", log), w.log_tail()
     assert "dropped, the client will not see it" not in log
     assert_once(w, [r.id for r in during] + [late.id])
+    assert w.alive()
+
+
+def test_rabbitmq_restart_with_held_and_due_tasks_runs_each_once(worker, client_factory, names):
+    """RabbitMQ's application stopped for ~8 s (always restarted in a finally) while the worker holds
+    ping messages for their ETA: those due during the outage fail their ack on the dead connection
+    and are abandoned; those due after it are requeued by RabbitMQ. The redelivered copies run (none
+    is acked as a duplicate of an abandoned original), each task exactly once, and every result
+    (redis:// backend, reachable all along) reaches the client."""
+    q = names.queue("outage-rmq")
+    w = worker(AMQP_URL, [q], backend=REDIS_URL, concurrency=2)
+    c = client_factory(AMQP_URL, REDIS_URL)
+    t_sent = time.monotonic()
+    due_during = [c.ping(q, args=(i, 0), countdown=ETA_DURING_S) for i in range(4)]
+    due_after = [c.ping(q, args=(i, 1), countdown=ETA_DURING_S + OUTAGE_S + 15) for i in range(3)]
+    results = due_during + due_after
+    wait_until(lambda: Broker("amqp").queue_state(q)["unacked"] == len(results), 30,
+               f"the worker holds all {len(results)} messages (unacked)")
+    lost_before = w.log().count("AMQP connection lost")
+    try:
+        rabbitmqctl("stop_app")
+        t_down = time.monotonic()
+        assert t_down - t_sent < ETA_DURING_S - 1, (
+            f"stop_app came {t_down - t_sent:.1f}s after publishing, too late for the ETA of {ETA_DURING_S}s")
+        wait_until(lambda: w.log().count("AMQP connection lost") > lost_before, 15,
+                   f"worker notices the broker is gone\n{w.log_tail()}")
+        time.sleep(max(0.0, ETA_DURING_S + 2 - (time.monotonic() - t_sent)))
+    finally:
+        fu.rabbit_restore(AMQP_URL)
+    got = get_all(results, w, timeout=90)
+    assert all(v is not None for v in got.values())
+    time.sleep(2)  # room for a duplicate run to show up
+    assert_once(w, [r.id for r in results])
+    log = w.log()
+    print("\n".join(ln for ln in log.splitlines()
+                    if any(k in ln for k in ("ack failed", "duplicate", "reconnected", "connection lost"))))
+    assert "ack failed, not running" in log, "no delivery was abandoned: the outage came too late?"
+    wait_until(lambda: Broker("amqp").queue_state(q) == {"exists": True, "ready": 0, "unacked": 0}, 30,
+               f"queue {q} drained")
+    assert "panicked" not in log
     assert w.alive()
