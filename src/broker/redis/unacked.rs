@@ -151,6 +151,9 @@ impl Shared {
     /// timeout — from `unacked` if Redis kept it, else from the copy kept at
     /// delivery (a restarted Redis may have lost `unacked`). Each is claimed
     /// first, so its original delivery's ack fails and it is not run twice.
+    /// (A copy popped again by this process carries the same delivery tag:
+    /// then whichever of the two is acked first runs, and the other's ack
+    /// fails — still once.)
     pub(super) async fn restore_held_after_outage(&self) -> usize {
         let tags = self.unsettled_snapshot();
         let mut n = 0;
