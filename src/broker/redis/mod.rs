@@ -15,6 +15,13 @@
 //!   tag older than `visibility_timeout` is pushed back with `RPUSH` (front of
 //!   the queue) marked redelivered. `close` restores this broker's own
 //!   unsettled deliveries right away, as kombu does on channel close.
+//! * **Outages** (beyond kombu, issue 13). An ack that cannot reach Redis is
+//!   kept and retried until Redis answers (the task runs; no restore touches
+//!   it meanwhile). When the consume loop's connection comes back, every
+//!   delivery still unsettled is restored at once, from `unacked` or — if a
+//!   restarted Redis lost it — from the envelope kept at delivery, so nothing
+//!   held waits for the visibility timeout and nothing is lost with Redis'
+//!   memory (`unacked.rs`).
 //!
 //! **Crash window.** Like kombu, the pop (`BRPOP`) and the record
 //! (`MULTI/EXEC`) are two round trips; a process killed between them loses
