@@ -686,7 +686,8 @@ async fn a_copy_redelivered_while_the_original_ack_fails_runs_exactly_once() {
     // Let the copy reach the running check and wait there.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(gate.runs(), 0);
-    h.broker.fail_next_settlements(1);
+    // The original (delivery 1) fails its ack: its connection is gone.
+    h.broker.fail_settlement_of(1);
     h.broker.pause_settlements(false);
     gate.started().await;
     gate.open(1);
@@ -725,7 +726,7 @@ async fn a_durable_task_whose_ack_failed_releases_its_ledger_record() {
     let gate = Gate::new("test.durable", true);
     let ledger = MemoryLedger::new("om-worker@test", Duration::from_secs(60));
     let h = Harness::start(config(1), vec![gate.clone()], Some(ledger.clone()));
-    h.broker.fail_next_settlements(1);
+    h.broker.fail_settlement_of(1);
     h.broker.push(message("test.durable", "t-abandon", vec![]));
     within(ledger.wait_until(|l| !l.finished().is_empty())).await;
     assert!(

@@ -65,8 +65,8 @@ struct State {
     settled: Vec<Settled>,
     published: Vec<Published>,
     fail_acks: bool,
-    /// This many following settlements fail (then they work again).
-    fail_next: usize,
+    /// Deliveries (by tag) whose next settlement fails.
+    fail_tags: std::collections::HashSet<u64>,
     /// While set, settlements wait (a slow ack in flight).
     paused: bool,
     /// Settlements waiting while paused.
@@ -129,8 +129,7 @@ impl Inner {
     fn settle(self: &Arc<Self>, tag: u64, held: bool, how: Settlement) -> Result<(), BrokerError> {
         {
             let mut st = self.lock();
-            if st.fail_acks || st.fail_next > 0 {
-                st.fail_next = st.fail_next.saturating_sub(1);
+            if st.fail_acks || st.fail_tags.remove(&tag) {
                 st.failed_settlements += 1;
                 drop(st);
                 self.changed.notify_waiters();
@@ -224,9 +223,10 @@ impl MemoryBroker {
         self.inner.lock().fail_acks = fail;
     }
 
-    /// Makes the next `n` acks/rejects fail as after a lost connection.
-    pub fn fail_next_settlements(&self, n: usize) {
-        self.inner.lock().fail_next = n;
+    /// Makes the next ack/reject of delivery `tag` (1, 2, ... in delivery
+    /// order) fail as after a lost connection.
+    pub fn fail_settlement_of(&self, tag: u64) {
+        self.inner.lock().fail_tags.insert(tag);
     }
 
     /// While paused, acks/rejects wait (an ack in flight on a connection
@@ -242,7 +242,7 @@ impl MemoryBroker {
     }
 
     /// Settlements refused so far by [`MemoryBroker::fail_acks`] (or
-    /// [`MemoryBroker::fail_next_settlements`]).
+    /// [`MemoryBroker::fail_settlement_of`]).
     pub fn failed_settlements(&self) -> usize {
         self.inner.lock().failed_settlements
     }
