@@ -48,3 +48,18 @@ pub fn broker_reconnected() {
 pub fn mongodb_error() {
     metrics::counter!(MONGODB_ERRORS).increment(1);
 }
+
+/// Result states given up by the result outbox (full, too old, refused).
+pub const RESULTS_DROPPED: &str = "om_worker_results_dropped_total";
+/// Result states waiting in the outbox for the result backend.
+pub const RESULTS_PENDING: &str = "om_worker_results_pending";
+
+/// The result outbox dropped a state.
+pub fn result_dropped() {
+    metrics::counter!(RESULTS_DROPPED).increment(1);
+}
+
+/// How many result states wait in the outbox now.
+pub fn set_results_pending(n: usize) {
+    metrics::gauge!(RESULTS_PENDING).set(n as f64);
+}

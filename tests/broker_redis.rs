@@ -500,3 +500,87 @@ async fn survives_client_kill_of_its_connections() {
     .await;
     ctx.cleanup().await;
 }
+
+/// Kills every Redis connection named `name` (the broker's BRPOP and command
+/// connections): to the broker this is Redis going away and coming back.
+async fn kill_clients(redis: &mut redis::aio::MultiplexedConnection, name: &str) {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(redis)
+        .await
+        .expect("client list");
+    let ids: Vec<String> = list
+        .lines()
+        .filter(|l| l.split(' ').any(|f| f == format!("name={name}")))
+        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .map(str::to_owned)
+        .collect();
+    assert!(!ids.is_empty(), "the broker's connections are named {name}");
+    for id in &ids {
+        let _: Result<i64, _> = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("ID")
+            .arg(id)
+            .query_async(redis)
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn a_held_delivery_returns_to_its_queue_after_a_reconnect_even_if_redis_lost_unacked() {
+    // Issue 13: after a connection loss, a message the worker held unstarted
+    // goes back on its queue at once (not after the visibility timeout), also
+    // when a restarted Redis lost the `unacked` hash, and exactly once: of
+    // the first delivery and the copy, only one can be acked (and run).
+    let mut ctx = Ctx::new("held").await;
+    let name = unique("cn").replace('-', "_");
+    bounded(60, async {
+        let b = ctx
+            .broker(RedisOptions {
+                client_name: Some(name.clone()),
+                ..ctx.options()
+            })
+            .await;
+        let mut rx = b
+            .consume(std::slice::from_ref(&ctx.queue), 4)
+            .await
+            .expect("consume");
+        b.publish("", &ctx.queue, message("[]", "held1", 0))
+            .await
+            .expect("publish");
+        let first = recv(&mut rx, Duration::from_secs(5))
+            .await
+            .expect("delivered");
+        assert_eq!(first.message.correlation_id.as_deref(), Some("held1"));
+        // A Redis restart without persistence: the unacked bookkeeping is gone.
+        let _: i64 = ctx
+            .redis
+            .del(&[ctx.k("unacked"), ctx.k("unacked_index")])
+            .await
+            .expect("del");
+        kill_clients(&mut ctx.redis, &name).await;
+        let again = recv(&mut rx, Duration::from_secs(20))
+            .await
+            .expect("restored from the kept copy and delivered again");
+        assert_eq!(again.message.correlation_id.as_deref(), Some("held1"));
+        assert!(again.message.redelivered, "marked redelivered");
+        // Both carry the same delivery tag (kombu restores the envelope as
+        // is): whichever the worker acks first runs, the other's ack fails.
+        let acks = [
+            first.acker.ack().await.is_ok(),
+            again.acker.ack().await.is_ok(),
+        ];
+        assert_eq!(
+            acks,
+            [true, false],
+            "exactly one delivery may be acked (and run)"
+        );
+        let left: i64 = ctx.redis.llen(ctx.k(&ctx.queue)).await.expect("llen");
+        assert_eq!(left, 0, "exactly one copy went back");
+        let unacked: i64 = ctx.redis.hlen(ctx.k("unacked")).await.expect("hlen");
+        assert_eq!(unacked, 0);
+        b.close().await.expect("close");
+    })
+    .await;
+    ctx.cleanup().await;
+}

@@ -594,21 +594,147 @@ async fn shutdown_during_a_mongodb_outage_leaves_the_message_for_the_broker() {
 }
 
 #[tokio::test]
-async fn result_backend_down_is_retried_then_given_up_and_the_worker_goes_on() {
+async fn results_kept_through_a_backend_outage_are_delivered_in_order_without_holding_the_slot() {
     let h = Harness::start(config(1), vec![Arc::new(Echo)], None);
     h.backend.set_down(true);
-    h.broker.push(message("test.echo", "t-nobackend", vec![]));
-    // STARTED: 4 attempts, SUCCESS: 4 attempts.
-    within(h.backend.wait_until(|b| b.attempts() >= 8)).await;
-    h.until_settled(1).await;
-    assert_eq!(h.settlement("t-nobackend"), vec![Settlement::Acked]);
+    h.broker.push(message("test.echo", "t-first", vec![]));
+    h.broker.push(message("test.echo", "t-second", vec![]));
+    // One slot: the second task can only run once the first let its slot go,
+    // i.e. storing its states did not wait for the backend.
+    h.until_settled(2).await;
+    assert_eq!(h.settlement("t-first"), vec![Settlement::Acked]);
+    assert_eq!(h.settlement("t-second"), vec![Settlement::Acked]);
+    assert!(h.backend.stored().is_empty(), "the backend is still away");
     h.backend.set_down(false);
+    within(h.backend.wait_until(|b| b.stored().len() >= 4)).await;
+    let order: Vec<(String, State)> = h
+        .backend
+        .stored()
+        .into_iter()
+        .map(|m| (m.task_id, m.status))
+        .collect();
+    assert_eq!(
+        order,
+        vec![
+            ("t-first".to_owned(), State::Started),
+            ("t-first".to_owned(), State::Success),
+            ("t-second".to_owned(), State::Started),
+            ("t-second".to_owned(), State::Success),
+        ],
+        "every state delivered once, in order"
+    );
+    // Back to normal: stored directly.
     h.broker.push(message("test.echo", "t-after", vec![]));
     h.until_states("t-after", 2).await;
     assert_eq!(
         h.backend.states("t-after"),
         vec![State::Started, State::Success]
     );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn warm_shutdown_delivers_kept_results_when_the_backend_returns_in_time() {
+    let h = Harness::start(config(1), vec![Arc::new(Echo)], None);
+    h.backend.set_down(true);
+    h.broker.push(message("test.echo", "t-kept", vec![]));
+    h.until_settled(1).await;
+    let backend = h.backend.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        backend.set_down(false);
+    });
+    let (_, backend) = h.stop().await;
+    assert_eq!(
+        backend.states("t-kept"),
+        vec![State::Started, State::Success],
+        "delivered during the shutdown"
+    );
+}
+
+#[tokio::test]
+async fn warm_shutdown_with_the_backend_away_ends_in_bounded_time() {
+    let mut c = config(1);
+    c.shutdown_grace = 1;
+    let h = Harness::start(c, vec![Arc::new(Echo)], None);
+    h.backend.set_down(true);
+    h.broker.push(message("test.echo", "t-lost", vec![]));
+    h.until_settled(1).await;
+    let t0 = std::time::Instant::now();
+    let (_, backend) = h.stop().await;
+    assert!(
+        t0.elapsed() < Duration::from_secs(15),
+        "the flush is bounded"
+    );
+    assert!(backend.stored().is_empty());
+}
+
+#[tokio::test]
+async fn a_copy_redelivered_while_the_original_ack_fails_runs_exactly_once() {
+    // The race of a broker connection loss: the original delivery is about
+    // to fail its ack (its channel is gone) while the broker already gave
+    // the requeued copy to this worker. The copy must not be acked as a
+    // duplicate of a run that never happens.
+    let gate = Gate::new("test.gate", false);
+    let h = Harness::start(config(2), vec![gate.clone()], None);
+    h.broker.pause_settlements(true);
+    h.broker.push(message("test.gate", "t-race", vec![]));
+    within(h.broker.wait_until(|b| b.settlements_waiting() >= 1)).await;
+    let mut copy = message("test.gate", "t-race", vec![]);
+    copy.redelivered = true;
+    h.broker.push(copy);
+    // Let the copy reach the running check and wait there.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(gate.runs(), 0);
+    // The original (delivery 1) fails its ack: its connection is gone.
+    h.broker.fail_settlement_of(1);
+    h.broker.pause_settlements(false);
+    gate.started().await;
+    gate.open(1);
+    h.until_states("t-race", 2).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(gate.runs(), 1, "run exactly once");
+    assert_eq!(
+        h.backend.states("t-race"),
+        vec![State::Started, State::Success]
+    );
+    assert_eq!(
+        h.settlement("t-race"),
+        vec![Settlement::Acked],
+        "the copy was acked and run; the original's ack failed"
+    );
+    assert_eq!(h.broker.failed_settlements(), 1);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_copy_of_an_acked_running_task_is_still_a_duplicate() {
+    let gate = Gate::new("test.gate", false);
+    let h = Harness::start(config(2), vec![gate.clone()], None);
+    h.broker.push(message("test.gate", "t-dup", vec![]));
+    gate.started().await;
+    h.broker.push(message("test.gate", "t-dup", vec![]));
+    h.until_settled(2).await;
+    assert_eq!(gate.runs(), 1);
+    gate.open(1);
+    h.until_states("t-dup", 2).await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_durable_task_whose_ack_failed_releases_its_ledger_record() {
+    let gate = Gate::new("test.durable", true);
+    let ledger = MemoryLedger::new("om-worker@test", Duration::from_secs(60));
+    let h = Harness::start(config(1), vec![gate.clone()], Some(ledger.clone()));
+    h.broker.fail_settlement_of(1);
+    h.broker.push(message("test.durable", "t-abandon", vec![]));
+    within(ledger.wait_until(|l| !l.finished().is_empty())).await;
+    assert!(
+        !ledger.contains("t-abandon"),
+        "released: a copy elsewhere must not be a duplicate"
+    );
+    assert_eq!(gate.runs(), 0);
+    assert!(h.backend.states("t-abandon").is_empty());
     h.stop().await;
 }
 

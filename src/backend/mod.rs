@@ -9,6 +9,7 @@
 
 pub mod memory;
 pub mod mongodb;
+pub mod outbox;
 pub mod redis;
 pub mod rpc;
 

@@ -65,6 +65,12 @@ struct State {
     settled: Vec<Settled>,
     published: Vec<Published>,
     fail_acks: bool,
+    /// Deliveries (by tag) whose next settlement fails.
+    fail_tags: std::collections::HashSet<u64>,
+    /// While set, settlements wait (a slow ack in flight).
+    paused: bool,
+    /// Settlements waiting while paused.
+    waiting: usize,
     /// Settlements refused while `fail_acks` was on.
     failed_settlements: usize,
     fail_publish: bool,
@@ -123,7 +129,7 @@ impl Inner {
     fn settle(self: &Arc<Self>, tag: u64, held: bool, how: Settlement) -> Result<(), BrokerError> {
         {
             let mut st = self.lock();
-            if st.fail_acks {
+            if st.fail_acks || st.fail_tags.remove(&tag) {
                 st.failed_settlements += 1;
                 drop(st);
                 self.changed.notify_waiters();
@@ -217,7 +223,26 @@ impl MemoryBroker {
         self.inner.lock().fail_acks = fail;
     }
 
-    /// Settlements refused so far by [`MemoryBroker::fail_acks`].
+    /// Makes the next ack/reject of delivery `tag` (1, 2, ... in delivery
+    /// order) fail as after a lost connection.
+    pub fn fail_settlement_of(&self, tag: u64) {
+        self.inner.lock().fail_tags.insert(tag);
+    }
+
+    /// While paused, acks/rejects wait (an ack in flight on a connection
+    /// that is going away); they go on, failing or not, once resumed.
+    pub fn pause_settlements(&self, paused: bool) {
+        self.inner.lock().paused = paused;
+        self.inner.changed.notify_waiters();
+    }
+
+    /// Acks/rejects waiting on [`MemoryBroker::pause_settlements`].
+    pub fn settlements_waiting(&self) -> usize {
+        self.inner.lock().waiting
+    }
+
+    /// Settlements refused so far by [`MemoryBroker::fail_acks`] (or
+    /// [`MemoryBroker::fail_settlement_of`]).
     pub fn failed_settlements(&self) -> usize {
         self.inner.lock().failed_settlements
     }
@@ -326,15 +351,49 @@ impl MemoryAcker {
     fn held(&self) -> bool {
         *self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Waits while settlements are paused.
+    async fn unpaused(&self) {
+        let mut counted = false;
+        loop {
+            let newly_waiting = {
+                let mut st = self.inner.lock();
+                if !st.paused {
+                    if counted {
+                        st.waiting -= 1;
+                    }
+                    return;
+                }
+                let newly = !counted;
+                if newly {
+                    st.waiting += 1;
+                    counted = true;
+                }
+                newly
+            };
+            if newly_waiting {
+                // Tests wait for this count: tell them, before listening.
+                self.inner.changed.notify_waiters();
+                continue;
+            }
+            let changed = self.inner.changed.notified();
+            if !self.inner.lock().paused {
+                continue;
+            }
+            changed.await;
+        }
+    }
 }
 
 #[async_trait]
 impl Acker for MemoryAcker {
     async fn ack(&self) -> Result<(), BrokerError> {
+        self.unpaused().await;
         self.inner.settle(self.tag, self.held(), Settlement::Acked)
     }
 
     async fn reject(&self, requeue: bool) -> Result<(), BrokerError> {
+        self.unpaused().await;
         let how = if requeue {
             Settlement::Requeued
         } else {

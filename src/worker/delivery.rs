@@ -6,11 +6,13 @@
 //! `acks_late=False`) → STARTED → run under the time limits → result →
 //! ledger record removed.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::decide::{self, Admit, Route, Settle, Verdict};
@@ -101,9 +103,14 @@ pub(super) async fn handle(s: Arc<Shared>, d: Delivery) {
         )
         .await;
     }
-    let Some(_running) = RunningGuard::enter(&s.running, &msg) else {
-        warn!(task_id = %msg.id, task = %msg.name, "duplicate delivery of a task running on this worker; acking it");
-        return settle(acker, Settle::Ack, &msg.id).await;
+    let running = match RunningGuard::enter(&s.running, &msg, &s.stop_starting).await {
+        Enter::Ours(g) => g,
+        Enter::Duplicate => {
+            warn!(task_id = %msg.id, task = %msg.name, "duplicate delivery of a task running on this worker; acking it");
+            return settle(acker, Settle::Ack, &msg.id).await;
+        }
+        // Left unacked: the broker returns it when the connection closes.
+        Enter::Stopped => return,
     };
     let mut timings = Timings::new(received_at);
 
@@ -125,11 +132,23 @@ pub(super) async fn handle(s: Arc<Shared>, d: Delivery) {
 
     // omega|ml's Celery config leaves acks_late off: ack when execution starts.
     if let Err(e) = acker.ack().await {
-        // The channel this came on is gone, so the broker has requeued the
-        // message; running it now would run it twice.
-        warn!(task_id = %msg.id, "ack failed, not running (the broker redelivers it): {e}");
+        // The broker has the message back on its queue (RabbitMQ requeued it
+        // when the delivery's connection closed; on Redis it was restored
+        // after a reconnect; a Redis ack that only cannot reach the server is
+        // retried by the broker and does not fail here). Running it now would
+        // run it twice, so this delivery is abandoned completely: the ledger
+        // record is released (a copy on another worker must not be taken for
+        // a duplicate of a run that never happens) and, when this returns,
+        // the running mark, so a copy waiting here runs.
+        warn!(task_id = %msg.id, "ack failed, not running (the message is back on its queue): {e}");
+        if let Some(l) = &ledger {
+            if let Err(e) = l.finish(&msg.id).await {
+                warn!(task_id = %msg.id, "releasing the in-flight record of an abandoned delivery: {e} (its lease expires)");
+            }
+        }
         return;
     }
+    running.acked();
     timings.mark(Step::Ack);
     let started_at = Instant::now();
     info!(task_id = %msg.id, task = %msg.name, queue = %message.routing_key, "task started");
@@ -262,8 +281,17 @@ async fn claim(
     raw: &RawMessage,
 ) -> Option<Begin> {
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
+    let held_since = Instant::now();
     loop {
         match ledger.begin(&msg.id, raw).await {
+            // Another worker holds it. If that worker's own delivery is being
+            // abandoned (its ack failed after a connection loss and the broker
+            // gave this copy to us), it releases the record within moments:
+            // look again for a little while before calling this a duplicate.
+            Ok(Begin::HeldBy(owner)) if held_since.elapsed() < HELD_RECHECK => debug!(
+                task_id = %msg.id,
+                "in-flight record held by {owner}; checking again before treating this as a duplicate"
+            ),
             Ok(b) => return Some(b),
             Err(e) => warn!(
                 task_id = %msg.id,
@@ -277,6 +305,10 @@ async fn claim(
         }
     }
 }
+
+/// How long a delivery whose in-flight record another worker holds keeps
+/// looking before it is acked as a duplicate (see [`claim`]).
+const HELD_RECHECK: Duration = Duration::from_secs(3);
 
 /// `--unknown-tasks forward:<queue>`: the message goes on unchanged; if the
 /// publish fails it goes back on its own queue rather than being lost.
@@ -313,30 +345,93 @@ async fn forward(
     conclude(s.backend.as_ref(), acker, task_id, Verdict::settle(how)).await;
 }
 
+/// The deliveries running here (see [`RunningGuard`]): key → whether its
+/// ack went through, and what wakes a copy waiting on it.
+pub(super) type Running = Mutex<HashMap<(String, i64), RunningEntry>>;
+
+/// One entry of [`Running`].
+pub(super) struct RunningEntry {
+    /// The delivery was acked: it runs, and a copy is a true duplicate.
+    acked: bool,
+    /// Woken when the entry is acked or removed.
+    changed: Arc<Notify>,
+}
+
+/// What [`RunningGuard::enter`] found.
+enum Enter<'a> {
+    /// This delivery runs; the guard marks it until dropped.
+    Ours(RunningGuard<'a>),
+    /// The same delivery is acked and running here: a duplicate.
+    Duplicate,
+    /// Shutdown began while waiting on another delivery of the same task.
+    Stopped,
+}
+
 /// Marks a task id as running here for as long as it lives: a second
 /// delivery of a running id (a publisher's duplicate, a re-queue racing its
 /// own run) is acked and dropped instead of running the task twice at once.
 /// Keyed by id and `retries`: a task's `self.retry()` republishes the same id
 /// with `retries` + 1 before its run has ended here, and that copy must run.
+///
+/// A copy that arrives while the first delivery is not acked yet waits for
+/// it: after a connection loss the broker redelivers a message whose first
+/// delivery is about to fail its ack and be abandoned, and then the copy must
+/// run — acking it as a duplicate would lose the task.
 struct RunningGuard<'a> {
-    running: &'a Mutex<HashSet<(String, i64)>>,
+    running: &'a Running,
     key: (String, i64),
 }
 
 impl<'a> RunningGuard<'a> {
-    /// `None` when this delivery (id and retry count) is already running here.
-    fn enter(running: &'a Mutex<HashSet<(String, i64)>>, msg: &TaskMessage) -> Option<Self> {
+    /// Marks this delivery as running, or finds it a duplicate, waiting
+    /// while another delivery of it is still before its ack.
+    async fn enter(running: &'a Running, msg: &TaskMessage, stop: &CancellationToken) -> Enter<'a> {
         let key = (msg.id.clone(), msg.retries);
-        let mut set = running.lock().unwrap_or_else(|p| p.into_inner());
-        // Lazily: a guard built for a duplicate would lock `running` again on drop.
-        set.insert(key.clone())
-            .then(|| RunningGuard { running, key })
+        loop {
+            let changed = {
+                let mut map = running.lock().unwrap_or_else(|p| p.into_inner());
+                match map.get(&key) {
+                    None => {
+                        map.insert(
+                            key.clone(),
+                            RunningEntry {
+                                acked: false,
+                                changed: Arc::new(Notify::new()),
+                            },
+                        );
+                        return Enter::Ours(RunningGuard { running, key });
+                    }
+                    Some(e) if e.acked => return Enter::Duplicate,
+                    Some(e) => Arc::clone(&e.changed),
+                }
+            };
+            debug!(task_id = %msg.id, "another delivery of this task is not acked yet; waiting for it");
+            // `notify_waiters` reaches a `Notified` from its creation; the
+            // short sleep covers a change made before it was created.
+            let notified = changed.notified();
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = stop.cancelled() => return Enter::Stopped,
+            }
+        }
+    }
+
+    /// The ack went through: from now on another delivery is a duplicate.
+    fn acked(&self) {
+        let mut map = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = map.get_mut(&self.key) {
+            e.acked = true;
+            e.changed.notify_waiters();
+        }
     }
 }
 
 impl Drop for RunningGuard<'_> {
     fn drop(&mut self) {
-        let mut set = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        set.remove(&self.key);
+        let mut map = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = map.remove(&self.key) {
+            e.changed.notify_waiters();
+        }
     }
 }

@@ -11,7 +11,9 @@
 //!
 //! - [`decide`]: the decisions of each stage, pure (no I/O), unit-tested;
 //! - `delivery`: one delivery through the stages, applying the decisions;
-//! - `report`: storing states (bounded retries) and settling messages;
+//! - `report`: storing states and settling messages; states go through the
+//!   result outbox ([`crate::backend::outbox`]), so a backend outage never
+//!   loses a state nor holds a slot;
 //! - `run`: a task under its time limits, lease renewal;
 //! - `timings`: the `task timings` log line.
 //!
@@ -26,8 +28,7 @@ mod report;
 mod run;
 mod timings;
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
@@ -35,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::backend::outbox::{Outbox, OutboxLimits};
 use crate::backend::ResultBackend;
 use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
@@ -42,6 +44,10 @@ use crate::control::state::WorkerState;
 use crate::ledger::Ledger;
 use crate::shutdown::Shutdown;
 use crate::tasks::Registry;
+
+/// The least time a warm shutdown gives the result outbox to deliver what
+/// it kept, even when the running tasks used up the whole grace.
+const OUTBOX_FLUSH_MIN: Duration = Duration::from_secs(3);
 
 /// Errors that stop the worker.
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +73,7 @@ struct Shared {
     /// In-flight ledger for durable tasks (None: ack-at-start only).
     ledger: Option<Arc<dyn Ledger>>,
     /// Ids (and retry counts) of the tasks running here (see `delivery::RunningGuard`).
-    running: Mutex<HashSet<(String, i64)>>,
+    running: delivery::Running,
 }
 
 /// A worker: one broker, one backend, a registry, N slots. Built with
@@ -122,17 +128,25 @@ impl Worker {
     /// unacked for the broker's owner to return by closing it.
     pub async fn run(self, shutdown: &Shutdown) -> Result<(), WorkerError> {
         let cfg = Arc::clone(&self.config);
+        // Every state goes through the outbox: one the backend cannot take
+        // now is kept and delivered later, without holding the task's slot.
+        let outbox = Outbox::new(
+            self.backend,
+            OutboxLimits::for_result_expires(cfg.result_expires),
+        );
+        let outbox_stop = CancellationToken::new();
+        let deliverer = outbox.start(outbox_stop.clone());
         let s = Arc::new(Shared {
             slots: Arc::new(Semaphore::new(cfg.concurrency.max(1))),
             config: self.config,
             broker: self.broker,
-            backend: self.backend,
+            backend: Arc::clone(&outbox) as Arc<dyn ResultBackend>,
             registry: self.registry,
             stop_starting: CancellationToken::new(),
             stop_running: CancellationToken::new(),
             state: self.state,
             ledger: self.ledger,
-            running: Mutex::default(),
+            running: std::sync::Mutex::default(),
         });
         let mut deliveries = s.broker.consume(&cfg.queues, cfg.prefetch_count()).await?;
         info!(
@@ -170,6 +184,7 @@ impl Worker {
         drop(deliveries);
         tracker.close();
         let grace = Duration::from_secs(cfg.shutdown_grace);
+        let drain_began = tokio::time::Instant::now();
         tokio::select! {
             _ = tracker.wait() => {}
             _ = tokio::time::sleep(grace) => {
@@ -186,6 +201,29 @@ impl Worker {
             .is_err()
         {
             error!("tasks did not stop within 30 s after cancellation");
+        }
+        // States kept during an outage: what is left of the grace (a few
+        // seconds at least) to deliver them; each one left is logged.
+        let flush_for = grace
+            .saturating_sub(drain_began.elapsed())
+            .max(OUTBOX_FLUSH_MIN);
+        if outbox.pending() > 0 {
+            info!(
+                "delivering {} kept result state(s) before exiting (up to {flush_for:?})",
+                outbox.pending()
+            );
+        }
+        tokio::select! {
+            biased;
+            // Cold: no more waiting; what is left is logged.
+            _ = shutdown.cold_begun() => {
+                outbox.flush(Duration::ZERO).await;
+            }
+            _ = outbox.flush(flush_for) => {}
+        }
+        outbox_stop.cancel();
+        if let Err(e) = deliverer.await {
+            warn!("result outbox deliverer: {e}");
         }
         Ok(())
     }

@@ -1,5 +1,5 @@
-//! Telling the client and the broker: storing a state with bounded retries,
-//! and applying a [`Settle`] decision.
+//! Telling the client and the broker: storing a state (through the result
+//! outbox) and applying a [`Settle`] decision.
 
 use std::time::Duration;
 
@@ -7,40 +7,28 @@ use tracing::{error, warn};
 
 use super::decide::{Settle, Verdict};
 use crate::backend::{BackendError, ReplyTarget, ResultBackend};
-use crate::backoff::Backoff;
 use crate::broker::Acker;
 use crate::protocol::ResultMeta;
 
-/// How long one attempt to store a result may take.
-const STORE_TIMEOUT: Duration = Duration::from_secs(15);
-/// Attempts per state before it is given up (logged, never a crash).
-const STORE_ATTEMPTS: u32 = 4;
+/// Upper bound for one store call. The worker's backend is the result
+/// outbox ([`crate::backend::outbox`]), which answers at once when it keeps a
+/// state for later; this only guards against a backend that never answers.
+const STORE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Stores a state, retrying briefly: a result that cannot be stored is
-/// logged, never a crash.
+/// Stores a state. The worker's backend is the result outbox: a state the
+/// backend cannot take now is kept and delivered later, so this never holds
+/// a task slot through an outage; an error here is logged, never a crash.
 pub async fn store(backend: &dyn ResultBackend, meta: &ResultMeta, target: &ReplyTarget) {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
-    for attempt in 1..=STORE_ATTEMPTS {
-        // Bounded: a backend that stops answering must not hold the slot (or
-        // a warm shutdown) forever.
-        let result = tokio::time::timeout(STORE_TIMEOUT, backend.store(meta, target))
-            .await
-            .unwrap_or_else(|_| {
-                Err(BackendError::Io {
-                    backend: backend.name(),
-                    reason: format!("no answer within {STORE_TIMEOUT:?}"),
-                })
-            });
-        match result {
-            Ok(()) => return,
-            Err(e) if attempt < STORE_ATTEMPTS => {
-                warn!(task_id = %meta.task_id, "storing {} failed (attempt {attempt}): {e}", meta.status.as_str());
-                backoff.wait().await;
-            }
-            Err(e) => {
-                error!(task_id = %meta.task_id, "could not store {}: {e}", meta.status.as_str());
-            }
-        }
+    let result = tokio::time::timeout(STORE_TIMEOUT, backend.store(meta, target))
+        .await
+        .unwrap_or_else(|_| {
+            Err(BackendError::Io {
+                backend: backend.name(),
+                reason: format!("no answer within {STORE_TIMEOUT:?}"),
+            })
+        });
+    if let Err(e) = result {
+        error!(task_id = %meta.task_id, "could not store {}: {e}", meta.status.as_str());
     }
 }
 

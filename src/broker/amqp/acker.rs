@@ -47,12 +47,19 @@ impl AmqpAcker {
 
 #[async_trait]
 impl Acker for AmqpAcker {
+    /// Only a delivery of the live connection counts: one held across a
+    /// reconnect was requeued by RabbitMQ, and the new channel's prefetch
+    /// starts from zero held (see `Inner::start_consuming`).
     async fn hold_outside_prefetch(&self) {
-        self.inner.adjust_held(true).await;
+        if self.check_alive().is_ok() {
+            self.inner.adjust_held(true).await;
+        }
     }
 
     async fn end_hold(&self) {
-        self.inner.adjust_held(false).await;
+        if self.check_alive().is_ok() {
+            self.inner.adjust_held(false).await;
+        }
     }
 
     async fn ack(&self) -> Result<(), BrokerError> {

@@ -53,6 +53,10 @@ impl Inner {
         spec: &ConsumeSpec,
     ) -> Result<(), BrokerError> {
         let channel = session.conn.create_channel().await.map_err(op_err)?;
+        // Deliveries held for an ETA on an earlier connection were requeued
+        // by RabbitMQ with it; they must not widen this channel's prefetch
+        // (a far-future one would for hours, after every reconnect).
+        self.held.store(0, Ordering::SeqCst);
         let res = self.setup_consumers(session, &channel, spec).await;
         match res {
             Ok(state) => {

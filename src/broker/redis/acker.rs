@@ -4,13 +4,20 @@
 //! A settlement removes the message's `unacked` entries or, on a requeue,
 //! pushes it back marked redelivered ([`super::unacked`]). Each delivery is
 //! claimed from this broker's unsettled set first, so a delivery already
-//! restored (by `close`) cannot be settled twice.
+//! restored (by `close`, or after an outage) cannot be settled twice — its
+//! ack fails and the worker does not run it. An ack that only cannot reach
+//! Redis is kept and retried until Redis answers (the task runs meanwhile:
+//! omega|ml acks at start, and nothing restores a message whose ack is
+//! pending).
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio::sync::OwnedSemaphorePermit;
 
+use tracing::warn;
+
+use super::unacked::HeldCopy;
 use super::Shared;
 use crate::broker::{Acker, BrokerError};
 
@@ -57,14 +64,27 @@ impl RedisAcker {
         drop(permit);
     }
 
-    fn claim(&self) -> Result<(), BrokerError> {
-        if self.shared.unsettled_remove(&self.tag) {
-            Ok(())
-        } else {
-            Err(BrokerError::Operation(format!(
+    fn claim(&self) -> Result<Arc<HeldCopy>, BrokerError> {
+        self.shared.unsettled_remove(&self.tag).ok_or_else(|| {
+            BrokerError::Operation(format!(
                 "delivery {} was already settled or restored to its queue",
                 self.tag
-            )))
+            ))
+        })
+    }
+
+    /// Removes the `unacked` entries; when Redis cannot be reached the
+    /// removal is retried in the background and the settlement counts as
+    /// done (see [`Shared::ack_later`]).
+    async fn remove(&self) -> Result<(), BrokerError> {
+        match self.shared.remove_unacked(&self.tag).await {
+            Err(BrokerError::Connection(e)) => {
+                warn!(tag = %self.tag, error = %e,
+                    "Redis unreachable while acking; the ack is retried once it answers");
+                self.shared.ack_later(&self.tag);
+                Ok(())
+            }
+            other => other,
         }
     }
 }
@@ -78,22 +98,31 @@ impl Acker for RedisAcker {
         self.release();
     }
 
+    /// Fails only when the delivery was already restored to its queue (after
+    /// an outage, or at close): then it must not run. An ack that cannot
+    /// reach Redis succeeds here and is delivered later.
     async fn ack(&self) -> Result<(), BrokerError> {
         self.claim()?;
-        let res = self.shared.remove_unacked(&self.tag).await;
+        let res = self.remove().await;
         self.release();
         res
     }
 
     async fn reject(&self, requeue: bool) -> Result<(), BrokerError> {
-        self.claim()?;
+        let copy = self.claim()?;
         let res = if requeue {
-            self.shared
-                .restore_by_tag(&self.tag, true)
+            let res = self
+                .shared
+                .restore_by_tag(&self.tag, true, Some(&copy))
                 .await
-                .map(|_| ())
+                .map(|_| ());
+            if res.is_err() {
+                // Held again: the reconnect restore (or close) puts it back.
+                self.shared.unsettled_insert(&self.tag, copy);
+            }
+            res
         } else {
-            self.shared.remove_unacked(&self.tag).await
+            self.remove().await
         };
         self.release();
         res

@@ -18,6 +18,7 @@ use tracing::{debug, error, info, warn};
 use super::acker::{PoppedAcker, RedisAcker};
 use super::connection::Conn;
 use super::query::Request;
+use super::unacked::HeldCopy;
 use super::Shared;
 use crate::backoff::Backoff;
 use crate::broker::{BrokerError, Delivery};
@@ -184,6 +185,7 @@ async fn consume_loop(
                     crate::telemetry::broker_reconnected();
                     was_down = false;
                     backoff.reset();
+                    shared.restore_held_after_outage().await;
                 }
                 continue;
             }
@@ -207,6 +209,8 @@ async fn consume_loop(
             crate::telemetry::broker_reconnected();
             was_down = false;
             backoff.reset();
+            // Before this pop is recorded, so it is not among them.
+            shared.restore_held_after_outage().await;
         }
         // Which queue it came from: strip the prefix and the priority suffix
         // (kombu: `dest.rsplit(sep, 1)[0]`), then rotate it to the end.
@@ -319,7 +323,12 @@ async fn deliver(
             }
         }
     }
-    shared.unsettled_insert(&tag);
+    let copy = HeldCopy {
+        text,
+        exchange: message.exchange.clone(),
+        routing_key: message.routing_key.clone(),
+    };
+    shared.unsettled_insert(&tag, Arc::new(copy));
     let acker = RedisAcker {
         shared: Arc::clone(shared),
         tag: tag.clone(),
@@ -331,10 +340,11 @@ async fn deliver(
     };
     if tx.send(delivery).await.is_err() {
         // Nobody will settle it: put it back at the front right away.
-        if let Err(e) = shared.restore_by_tag(&tag, false).await {
-            error!(tag, error = %e, "could not restore undeliverable message");
+        if let Some(copy) = shared.unsettled_remove(&tag) {
+            if let Err(e) = shared.restore_by_tag(&tag, false, Some(&copy)).await {
+                error!(tag, error = %e, "could not restore undeliverable message");
+            }
         }
-        shared.unsettled_remove(&tag);
         return false;
     }
     true

@@ -15,6 +15,13 @@
 //!   tag older than `visibility_timeout` is pushed back with `RPUSH` (front of
 //!   the queue) marked redelivered. `close` restores this broker's own
 //!   unsettled deliveries right away, as kombu does on channel close.
+//! * **Outages** (beyond kombu, issue 13). An ack that cannot reach Redis is
+//!   kept and retried until Redis answers (the task runs; no restore touches
+//!   it meanwhile). When the consume loop's connection comes back, every
+//!   delivery still unsettled is restored at once, from `unacked` or — if a
+//!   restarted Redis lost it — from the envelope kept at delivery, so nothing
+//!   held waits for the visibility timeout and nothing is lost with Redis'
+//!   memory (`unacked.rs`).
 //!
 //! **Crash window.** Like kombu, the pop (`BRPOP`) and the record
 //! (`MULTI/EXEC`) are two round trips; a process killed between them loses
@@ -97,8 +104,12 @@ struct Shared {
     db: i64,
     client: Client,
     cmd: Conn,
-    /// Delivery tags popped by this broker and not yet settled.
-    unsettled: std::sync::Mutex<HashSet<String>>,
+    /// Delivery tags popped by this broker and not yet settled, with the
+    /// copy kept to restore them (see `unacked::HeldCopy`).
+    unsettled: std::sync::Mutex<std::collections::HashMap<String, Arc<unacked::HeldCopy>>>,
+    /// Tags acked while Redis was unreachable, whose `unacked` entries are
+    /// removed once it answers (see `Shared::ack_later`).
+    acking: std::sync::Mutex<HashSet<String>>,
     consumer_stop: Mutex<CancellationToken>,
     consumer: Mutex<Option<JoinHandle<()>>>,
     shutdown: CancellationToken,
@@ -127,7 +138,8 @@ impl Shared {
             db,
             client,
             cmd,
-            unsettled: std::sync::Mutex::new(HashSet::new()),
+            unsettled: std::sync::Mutex::default(),
+            acking: std::sync::Mutex::default(),
             consumer_stop: Mutex::new(CancellationToken::new()),
             consumer: Mutex::new(None),
             shutdown: CancellationToken::new(),
@@ -225,6 +237,7 @@ impl Broker for RedisBroker {
         self.shared.closed.store(true, Ordering::SeqCst);
         let n = self.shared.restore_own().await;
         debug!(restored = n, "restored own unsettled deliveries on close");
+        self.shared.ack_pending_once().await;
         self.shared.shutdown.cancel();
         let restorer = self.shared.restorer.lock().await.take();
         if let Some(h) = restorer {

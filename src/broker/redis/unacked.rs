@@ -9,15 +9,30 @@
 //! theirs, so the entry format, the lock (`unacked_mutex`) and the push
 //! direction must be kombu's (see the module docs of [`super`]).
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::{debug, error, info, warn};
 
 use super::query::Request;
 use super::Shared;
+use crate::backoff::Backoff;
 use crate::broker::BrokerError;
 use crate::protocol::envelope;
+
+/// What this process keeps of a delivery it holds unsettled, so it can put
+/// the message back even if Redis lost its `unacked` entry (a restart
+/// without persistence): the envelope text and where it was published.
+#[derive(Debug)]
+pub(super) struct HeldCopy {
+    /// The kombu envelope, as popped.
+    pub(super) text: String,
+    /// Its exchange.
+    pub(super) exchange: String,
+    /// Its routing key.
+    pub(super) routing_key: String,
+}
 
 /// Removes `unacked[tag]` and pushes the restored envelope only if the entry
 /// is still the value that was read (compare-and-swap; kombu uses WATCH).
@@ -48,32 +63,122 @@ fn now_secs() -> f64 {
 }
 
 impl Shared {
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<HeldCopy>>> {
+        self.unsettled.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn acking(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.acking.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub(super) fn unsettled_snapshot(&self) -> Vec<String> {
-        match self.unsettled.lock() {
-            Ok(s) => s.iter().cloned().collect(),
-            Err(p) => p.into_inner().iter().cloned().collect(),
-        }
+        self.held().keys().cloned().collect()
     }
 
-    pub(super) fn unsettled_insert(&self, tag: &str) {
-        match self.unsettled.lock() {
-            Ok(mut s) => s.insert(tag.to_owned()),
-            Err(p) => p.into_inner().insert(tag.to_owned()),
-        };
+    pub(super) fn unsettled_insert(&self, tag: &str, copy: Arc<HeldCopy>) {
+        self.held().insert(tag.to_owned(), copy);
     }
 
-    pub(super) fn unsettled_remove(&self, tag: &str) -> bool {
-        match self.unsettled.lock() {
-            Ok(mut s) => s.remove(tag),
-            Err(p) => p.into_inner().remove(tag),
-        }
+    /// Claims `tag` from the unsettled set: `Some` (its copy) for exactly
+    /// one caller — the acker, a reconnect restore or `close`.
+    pub(super) fn unsettled_remove(&self, tag: &str) -> Option<Arc<HeldCopy>> {
+        self.held().remove(tag)
     }
 
     fn unsettled_contains(&self, tag: &str) -> bool {
-        match self.unsettled.lock() {
-            Ok(s) => s.contains(tag),
-            Err(p) => p.into_inner().contains(tag),
+        self.held().contains_key(tag)
+    }
+
+    /// Tags whose ack is being retried (see [`Shared::ack_later`]).
+    pub(super) fn acking_tags(&self) -> Vec<String> {
+        self.acking().iter().cloned().collect()
+    }
+
+    /// An ack (or a reject without requeue) that could not reach Redis:
+    /// the delivery is settled as far as this process is concerned (the
+    /// task runs, omega|ml acks at start) and its `unacked` entries are
+    /// removed as soon as Redis answers again. Until then neither this
+    /// process's restore sweep nor a reconnect restore touches it, so the
+    /// message can never be put back while it runs here.
+    pub(super) fn ack_later(self: &Arc<Self>, tag: &str) {
+        if !self.acking().insert(tag.to_owned()) {
+            return;
         }
+        let s = Arc::clone(self);
+        let tag = tag.to_owned();
+        tokio::spawn(async move {
+            let mut backoff = Backoff::new(Duration::from_millis(200), s.opts.max_backoff);
+            loop {
+                tokio::select! {
+                    _ = backoff.wait() => {}
+                    // `close` makes the last attempt and reports what is left.
+                    _ = s.shutdown.cancelled() => return,
+                }
+                match s.remove_unacked(&tag).await {
+                    Ok(()) => {
+                        s.acking().remove(&tag);
+                        info!(tag, "delivered an ack deferred by the Redis outage");
+                        return;
+                    }
+                    Err(e) => debug!(tag, error = %e, "deferred ack still failing; retrying"),
+                }
+            }
+        });
+    }
+
+    /// One last attempt for every deferred ack (at close); each one that
+    /// still fails is logged: its message stays in `unacked`, and after the
+    /// visibility timeout a sweep would run it again.
+    pub(super) async fn ack_pending_once(&self) {
+        for tag in self.acking_tags() {
+            match self.remove_unacked(&tag).await {
+                Ok(()) => {
+                    self.acking().remove(&tag);
+                }
+                Err(e) => error!(
+                    tag,
+                    error = %e,
+                    "ack of a started task could not be delivered before closing; after the \
+                     visibility timeout a restore sweep may run it again"
+                ),
+            }
+        }
+    }
+
+    /// After the connection came back: every delivery this process holds
+    /// and has not started (prefetched, waiting for a slot or its ETA) goes
+    /// back to the front of its queue now, instead of after the visibility
+    /// timeout — from `unacked` if Redis kept it, else from the copy kept at
+    /// delivery (a restarted Redis may have lost `unacked`). Each is claimed
+    /// first, so its original delivery's ack fails and it is not run twice.
+    /// (A copy popped again by this process carries the same delivery tag:
+    /// then whichever of the two is acked first runs, and the other's ack
+    /// fails — still once.)
+    pub(super) async fn restore_held_after_outage(&self) -> usize {
+        let tags = self.unsettled_snapshot();
+        let mut n = 0;
+        for tag in tags {
+            let Some(copy) = self.unsettled_remove(&tag) else {
+                continue; // settled meanwhile
+            };
+            match self.restore_by_tag(&tag, false, Some(&copy)).await {
+                Ok(true) => n += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    // Still unreachable: keep holding it; the next reconnect
+                    // or `close` tries again.
+                    warn!(tag, error = %e, "could not restore a held message after the outage; keeping it");
+                    self.unsettled_insert(&tag, copy);
+                }
+            }
+        }
+        if n > 0 {
+            info!(
+                restored = n,
+                "returned held, unstarted message(s) to their queues after the Redis outage"
+            );
+        }
+        n
     }
 
     /// kombu `QoS.append`: MULTI; ZADD unacked_index; HSET unacked; EXEC.
@@ -142,10 +247,16 @@ impl Shared {
     /// marked redelivered — `RPUSH` (front, consumed next) or, with
     /// `leftmost`, `LPUSH` (back) — and removes its unacked entries, all
     /// atomically. Returns whether a message was pushed.
+    /// With `fallback` (the copy this process kept at delivery), a message
+    /// whose entry is gone from `unacked` is pushed from that copy: the
+    /// entry is gone when Redis lost its data in a restart (or, rarely,
+    /// another worker's sweep restored it after the visibility timeout,
+    /// which would already run it twice).
     pub(super) async fn restore_by_tag(
         &self,
         tag: &str,
         leftmost: bool,
+        fallback: Option<&HeldCopy>,
     ) -> Result<bool, BrokerError> {
         let hash = self.key(&self.opts.unacked_key);
         let idx = self.key(&self.opts.unacked_index_key);
@@ -158,6 +269,9 @@ impl Shared {
             )
             .await?;
         let Some(stored) = stored else {
+            if let Some(copy) = fallback {
+                return self.push_copy(tag, copy, leftmost).await;
+            }
             // Already settled or restored elsewhere; drop a stale index entry.
             self.remove_unacked(tag).await?;
             return Ok(false);
@@ -201,6 +315,44 @@ impl Shared {
             .query("restore", 3, Request::Script(&restore))
             .await?;
         Ok(done == 1 && !dests.is_empty())
+    }
+
+    /// Pushes the copy kept at delivery back onto its queue(s), marked
+    /// redelivered, and drops any stale index entry, in one MULTI/EXEC.
+    async fn push_copy(
+        &self,
+        tag: &str,
+        copy: &HeldCopy,
+        leftmost: bool,
+    ) -> Result<bool, BrokerError> {
+        let payload: serde_json::Value = serde_json::from_str(&copy.text)
+            .map_err(|e| BrokerError::Operation(format!("kept copy of {tag} is not JSON: {e}")))?;
+        let marked = envelope::mark_redelivered(&copy.text);
+        let priority = envelope::priority_of(&payload);
+        let queues = self.lookup(&copy.exchange, &copy.routing_key).await?;
+        let idx = self.key(&self.opts.unacked_index_key);
+        let hash = self.key(&self.opts.unacked_key);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("ZREM").arg(&idx).arg(tag).ignore();
+        pipe.cmd("HDEL").arg(&hash).arg(tag).ignore();
+        let push = if leftmost { "LPUSH" } else { "RPUSH" };
+        for q in &queues {
+            pipe.cmd(push)
+                .arg(self.queue_key(q, priority))
+                .arg(&marked)
+                .ignore();
+        }
+        self.cmd
+            .query::<()>("restore kept copy", 3, Request::Pipeline(&pipe))
+            .await?;
+        if queues.is_empty() {
+            warn!(tag, exchange = %copy.exchange, routing_key = %copy.routing_key,
+                "no queue bound for a kept message; dropping it as kombu does");
+        } else {
+            info!(tag, "unacked entry was gone (Redis restarted?): restored the message from the copy kept at delivery");
+        }
+        Ok(!queues.is_empty())
     }
 
     /// kombu `QoS.restore_visible` (without its 10-per-sweep cap).
@@ -269,10 +421,10 @@ impl Shared {
         for tag in tags {
             // Our own live deliveries are not lost; restoring them would only
             // duplicate a task we are running.
-            if self.unsettled_contains(&tag) {
+            if self.unsettled_contains(&tag) || self.acking().contains(&tag) {
                 continue;
             }
-            match self.restore_by_tag(&tag, false).await {
+            match self.restore_by_tag(&tag, false, None).await {
                 Ok(true) => restored += 1,
                 Ok(false) => {}
                 Err(e) => warn!(tag, error = %e, "could not restore unacked message"),
@@ -289,17 +441,14 @@ impl Shared {
 
     /// Returns every unsettled delivery of this broker to its queue (RPUSH).
     pub(super) async fn restore_own(&self) -> usize {
-        let tags: Vec<String> = match self.unsettled.lock() {
-            Ok(mut s) => s.drain().collect(),
-            Err(p) => p.into_inner().drain().collect(),
-        };
-        if tags.is_empty() {
+        let held: Vec<(String, Arc<HeldCopy>)> = self.held().drain().collect();
+        if held.is_empty() {
             return 0;
         }
-        info!("Restoring {} unacknowledged message(s)", tags.len());
+        info!("Restoring {} unacknowledged message(s)", held.len());
         let mut n = 0;
-        for tag in tags {
-            match self.restore_by_tag(&tag, false).await {
+        for (tag, copy) in held {
+            match self.restore_by_tag(&tag, false, Some(&copy)).await {
                 Ok(true) => n += 1,
                 Ok(false) => {}
                 Err(e) => error!(tag, error = %e, "could not restore unacknowledged message"),
