@@ -32,6 +32,15 @@ pub enum BackendError {
         /// Why.
         reason: String,
     },
+    /// This state can never be stored, however often it is tried (a
+    /// task id over AMQP's 255-byte limit for an rpc:// reply).
+    #[error("result backend {backend} refuses it: {reason}")]
+    Refused {
+        /// Which backend.
+        backend: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// Talking to the backend failed.
     #[error("result backend {backend}: {reason}")]
     Io {

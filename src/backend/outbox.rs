@@ -290,6 +290,12 @@ impl Outbox {
                     backoff.reset();
                     continue;
                 }
+                Err(e @ BackendError::Refused { .. }) => {
+                    if let Some(entry) = self.remove_seq(seq) {
+                        self.drop_entry(&entry, &e.to_string());
+                    }
+                    continue;
+                }
                 Err(e) => {
                     // Down, or refusing this one state? A later state of
                     // another task tells (per-task order is kept: it is the
@@ -388,6 +394,14 @@ impl ResultBackend for Outbox {
         if self.pending() == 0 {
             match self.attempt(meta, target).await {
                 Ok(()) => return Ok(()),
+                Err(e @ BackendError::Refused { .. }) => {
+                    // Never storable: one line, no retries.
+                    self.dropped.fetch_add(1, Ordering::SeqCst);
+                    crate::telemetry::result_dropped();
+                    error!(task_id = %meta.task_id,
+                        "result state {} dropped, the client will not see it: {e}", meta.status.as_str());
+                    return Ok(());
+                }
                 Err(e) => warn!(task_id = %meta.task_id,
                     "storing {} failed, kept for later delivery: {e}", meta.status.as_str()),
             }
@@ -460,6 +474,74 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), f)
             .await
             .expect("timed out")
+    }
+
+    /// Refuses (for good) the states of task ids starting with "refuse",
+    /// stores the others in `inner`.
+    struct Refusing {
+        inner: MemoryBackend,
+        tries: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait]
+    impl ResultBackend for Refusing {
+        async fn store(&self, meta: &ResultMeta, t: &ReplyTarget) -> Result<(), BackendError> {
+            if meta.task_id.starts_with("refuse") {
+                self.tries.fetch_add(1, Ordering::SeqCst);
+                return Err(BackendError::Refused {
+                    backend: "test",
+                    reason: "id too long".into(),
+                });
+            }
+            self.inner.store(meta, t).await
+        }
+        async fn ping(&self) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn name(&self) -> &'static str {
+            "test"
+        }
+    }
+
+    #[tokio::test]
+    async fn a_state_that_can_never_be_stored_is_dropped_at_once() {
+        let mem = MemoryBackend::new();
+        let backend = Arc::new(Refusing {
+            inner: mem.clone(),
+            tries: Default::default(),
+        });
+        let ob = Outbox::new(Arc::clone(&backend) as Arc<dyn ResultBackend>, limits());
+        let stop = CancellationToken::new();
+        let deliverer = ob.start(stop.clone());
+        // Direct: tried once, dropped, nothing queued.
+        ob.store(&ResultMeta::started("refuse-1", 1, "h"), &target())
+            .await
+            .expect("never fails");
+        assert_eq!((ob.pending(), ob.dropped()), (0, 1));
+        // Queued behind a state kept during an outage: dropped on its first
+        // try when delivered, and the states behind it go on.
+        mem.set_down(true);
+        ob.store(&ResultMeta::started("a", 1, "h"), &target())
+            .await
+            .expect("queued");
+        ob.store(&ResultMeta::started("refuse-2", 1, "h"), &target())
+            .await
+            .expect("queued");
+        ob.store(&ResultMeta::success("a", Value::Int(1)), &target())
+            .await
+            .expect("queued");
+        mem.set_down(false);
+        within(mem.wait_until(|m| m.states("a").len() == 2)).await;
+        within(async {
+            while ob.pending() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert_eq!(ob.dropped(), 2);
+        assert_eq!(backend.tries.load(Ordering::SeqCst), 2, "each tried once");
+        stop.cancel();
+        let _ = deliverer.await;
     }
 
     #[test]

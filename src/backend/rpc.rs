@@ -13,7 +13,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::{BackendError, ReplyTarget, ResultBackend};
-use crate::broker::Broker;
+use crate::broker::{Broker, BrokerError};
 use crate::protocol::result_codec::{self, Serializer};
 use crate::protocol::ResultMeta;
 
@@ -41,9 +41,15 @@ impl ResultBackend for RpcBackend {
         self.broker
             .publish("", reply_to, msg)
             .await
-            .map_err(|e| BackendError::Io {
-                backend: "rpc",
-                reason: e.to_string(),
+            .map_err(|e| match e {
+                BrokerError::Unpublishable(reason) => BackendError::Refused {
+                    backend: "rpc",
+                    reason,
+                },
+                e => BackendError::Io {
+                    backend: "rpc",
+                    reason: e.to_string(),
+                },
             })
     }
 

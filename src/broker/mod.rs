@@ -88,6 +88,10 @@ pub enum BrokerError {
     /// A declaration, publish, ack or other broker operation failed.
     #[error("broker operation failed: {0}")]
     Operation(String),
+    /// The message can never be published on this broker, however often it
+    /// is tried (e.g. a property over AMQP's 255-byte short-string limit).
+    #[error("cannot be published: {0}")]
+    Unpublishable(String),
     /// [`from_url`] was given a scheme no broker here speaks; holds the
     /// masked URL.
     #[error("unsupported broker URL {0} (expected amqp://, amqps:// or redis://)")]

@@ -217,7 +217,7 @@ fn op_err(e: lapin::Error) -> BrokerError {
 /// quotes its start — never a panic on a long queue name or header key.
 fn short(s: &str) -> Result<ShortString, BrokerError> {
     ShortString::try_new(s)
-        .map_err(|e| BrokerError::Operation(format!("{e}: {:?}", truncate(s, 40))))
+        .map_err(|e| BrokerError::Unpublishable(format!("{e}: {:?}", truncate(s, 40))))
 }
 
 fn truncate(s: &str, n: usize) -> String {
