@@ -598,3 +598,18 @@ def assert_ping_result(value, nodename, args=(1, 2), kwargs=None):
 @pytest.fixture
 def check_ping():
     return assert_ping_result
+
+
+@pytest.fixture
+def redis_relay():
+    """A test-owned TCP relay in front of the machine's Redis (faults_util.TcpOutage): a worker
+    pointed at it can be cut off from Redis without stopping Redis itself."""
+    import faults_util
+    from urllib.parse import urlsplit
+
+    u = urlsplit(REDIS_URL)
+    relay = faults_util.TcpOutage(u.hostname, u.port or 6379).start()
+    try:
+        yield relay
+    finally:
+        relay.close()

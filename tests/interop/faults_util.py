@@ -393,3 +393,29 @@ def tcp_open(host, port):
             return True
     except OSError:
         return False
+
+
+def stop_worker_checked(w, wtmp, cleanup, what):
+    """Stops a test's om-worker (SIGTERM) and fails if it did not exit 0, if any process started
+    with its OMEGA_TMP (its fork server, kernels, task children) is still there 10 s later, or if
+    it panicked; `cleanup()` (queue removal) runs in between and may fail quietly."""
+    rc = w.terminate()
+    deadline = time.monotonic() + 10
+    left = procs_with_env("OMEGA_TMP", str(wtmp))
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = procs_with_env("OMEGA_TMP", str(wtmp))
+    try:
+        cleanup()
+    except BaseException:
+        pass
+    problems = []
+    if rc != 0:
+        problems.append(f"om-worker exited {rc} on SIGTERM")
+    if left:
+        problems.append("processes of the stopped worker left behind (orphans): "
+                        + "; ".join(f"{p}: {cmdline(p)}" for p in left))
+    if "panicked" in w.log():
+        problems.append("om-worker panicked")
+    if problems:
+        fail(f"{what} teardown: " + " | ".join(problems) + f"\n--- worker log ---\n{w.log_tail()}")

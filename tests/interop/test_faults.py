@@ -29,7 +29,6 @@ import os
 import re
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pymongo
 import pytest
@@ -238,15 +237,6 @@ def test_rabbitmq_restart_mid_run_loses_nothing(worker, mongo, names, tmp_path):
 # 2. Redis unreachable mid-run (Redis as broker and result backend)
 # ---------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def redis_relay():
-    u = urlsplit(REDIS_URL)
-    relay = fu.TcpOutage(u.hostname, u.port or 6379).start()
-    try:
-        yield relay
-    finally:
-        relay.close()
-
 
 def test_redis_away_mid_run_loses_nothing(worker, mongo, names, tmp_path, redis_relay):
     """om-worker reaches Redis (broker and result backend) through a relay the test cuts for ~3 s
@@ -427,27 +417,8 @@ def nbw(om_worker_bin, mongo, tmp_path_factory):
         w.wait_ready()
         yield NbWorker(w, wtmp, marks, label, mongo)
     finally:
-        rc = w.terminate()
-        deadline = time.monotonic() + 10
-        left = fu.procs_with_env("OMEGA_TMP", str(wtmp))
-        while left and time.monotonic() < deadline:
-            time.sleep(0.2)
-            left = fu.procs_with_env("OMEGA_TMP", str(wtmp))
-        try:
-            Broker("amqp").cleanup([label], [])
-        except BaseException:
-            pass
-        problems = []
-        if rc != 0:
-            problems.append(f"om-worker exited {rc} on SIGTERM")
-        if left:
-            problems.append("processes of the stopped worker left behind (orphans): "
-                            + "; ".join(f"{p}: {fu.cmdline(p)}" for p in left))
-        if "panicked" in w.log():
-            problems.append("om-worker panicked:\n" + _lines(w.log(), "panicked"))
-        if problems:
-            fu.fail("misbehaving-notebook worker teardown: " + " | ".join(problems)
-                    + f"\n--- worker log ---\n{w.log_tail()}")
+        fu.stop_worker_checked(w, wtmp, lambda: Broker("amqp").cleanup([label], []),
+                               "misbehaving-notebook worker")
 
 
 @pytest.fixture

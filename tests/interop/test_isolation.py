@@ -76,24 +76,7 @@ def iso(om_worker_bin, mongo, tmp_path_factory):
         w.wait_ready()
         yield {"w": w, "label": label, "mongo": mongo, "marks": marks, "base": base}
     finally:
-        rc = w.terminate()
-        deadline = time.monotonic() + 10
-        left = fu.procs_with_env("OMEGA_TMP", str(wtmp))
-        while left and time.monotonic() < deadline:
-            time.sleep(0.2)
-            left = fu.procs_with_env("OMEGA_TMP", str(wtmp))
-        try:
-            Broker("amqp").cleanup([label], [])
-        except BaseException:
-            pass
-        problems = []
-        if rc != 0:
-            problems.append(f"om-worker exited {rc} on SIGTERM")
-        if left:
-            problems.append("processes of the stopped worker left behind: "
-                            + "; ".join(f"{p}: {fu.cmdline(p)}" for p in left))
-        if problems:
-            fu.fail(" | ".join(problems) + f"\n--- worker log ---\n{w.log_tail()}")
+        fu.stop_worker_checked(w, wtmp, lambda: Broker("amqp").cleanup([label], []), "isolation worker")
 
 
 def run_jobs(iso, jobs, timeout=300):

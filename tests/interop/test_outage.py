@@ -14,7 +14,6 @@ with `AsyncResult.get()`, as a user does.
 """
 import re
 import time
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -27,15 +26,6 @@ ETA_DURING_S = 8  # the cut comes before this, the relay is back after it
 LOG_KEYS = ("kept for later", "delivered result state", "ack is retried", "deferred ack", "deferred by",
             "returned held", "restored the message from the copy", "dropped", "answers again")
 
-
-@pytest.fixture
-def redis_relay():
-    u = urlsplit(REDIS_URL)
-    relay = fu.TcpOutage(u.hostname, u.port or 6379).start()
-    try:
-        yield relay
-    finally:
-        relay.close()
 
 
 def started_count(w, tid):
