@@ -222,6 +222,30 @@ def _watch_owner(owner):
 
     def gone():
         try:
+            # everything below this child first (it is their subreaper, whatever session or group
+            # they moved to), then its own group
+            todo, seen = [os.getpid()], set()
+            while todo:
+                pid = todo.pop()
+                try:
+                    tids = os.listdir("/proc/%d/task" % pid)
+                except OSError:
+                    continue
+                for tid in tids:
+                    try:
+                        with open("/proc/%d/task/%s/children" % (pid, tid)) as f:
+                            kids = [int(k) for k in f.read().split()]
+                    except (OSError, ValueError):
+                        continue
+                    for k in kids:
+                        if k not in seen:
+                            seen.add(k)
+                            todo.append(k)
+            for k in seen:
+                try:
+                    os.kill(k, signal.SIGKILL)
+                except OSError:
+                    pass
             os.killpg(0, signal.SIGKILL)
         finally:
             os._exit(1)
