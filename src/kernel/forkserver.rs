@@ -259,15 +259,27 @@ impl Server {
     /// Closes spare `pid`'s pipe: it exits without running anything.
     async fn retire(&self, pid: i32) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let line = format!("{}\n", json!({"op": "retire", "id": id, "pid": pid}));
-        let mut stdin = self.stdin.lock().await;
-        if let Some(s) = stdin.as_mut() {
-            let _ = tokio::time::timeout(Duration::from_secs(5), async {
-                s.write_all(line.as_bytes()).await?;
-                s.flush().await
-            })
+        // No reply; a server that is gone takes its spares along anyway.
+        let _ = self
+            .write_line(&json!({"op": "retire", "id": id, "pid": pid}))
             .await;
-        }
+    }
+
+    /// Writes one request line to the server's stdin (bounded: a server that
+    /// stopped reading is as good as gone). `false` when it could not.
+    async fn write_line(&self, req: &serde_json::Value) -> bool {
+        let mut line = req.to_string();
+        line.push('\n');
+        let mut stdin = self.stdin.lock().await;
+        let Some(s) = stdin.as_mut() else {
+            return false;
+        };
+        let written = tokio::time::timeout(Duration::from_secs(5), async {
+            s.write_all(line.as_bytes()).await?;
+            s.flush().await
+        })
+        .await;
+        matches!(written, Ok(Ok(())))
     }
 
     /// Sends one request that forks a child (`req`: its op and op fields;
@@ -306,22 +318,7 @@ impl Server {
         }
         let (tx, rx) = oneshot::channel();
         lock(&self.shared.pending).insert(id, tx);
-        let mut line = req.to_string();
-        line.push('\n');
-        let written = {
-            let mut stdin = self.stdin.lock().await;
-            match stdin.as_mut() {
-                Some(s) => {
-                    tokio::time::timeout(Duration::from_secs(5), async {
-                        s.write_all(line.as_bytes()).await?;
-                        s.flush().await
-                    })
-                    .await
-                }
-                None => Ok(Err(std::io::Error::other("stdin closed"))),
-            }
-        };
-        if !matches!(written, Ok(Ok(()))) {
+        if !self.write_line(&req).await {
             lock(&self.shared.pending).remove(&id);
             return Err(ForkError::Gone);
         }
@@ -562,6 +559,13 @@ struct Spare {
     born: Instant,
 }
 
+/// A task child's environment: the server's plus `extra_env` (a GPU slot's).
+fn task_env(plan: &Plan, extra_env: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut env = plan.env.clone();
+    env.extend(extra_env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env
+}
+
 /// A spare older than this is retired instead of used: its MongoDB
 /// connection and omega|ml settings are then as fresh as a cold child's.
 const SPARE_MAX_AGE: Duration = Duration::from_secs(600);
@@ -754,8 +758,7 @@ impl ForkServerLauncher {
         rlimit_as: Option<u64>,
     ) -> Result<KernelProcess, String> {
         let plan = self.configured_plan()?;
-        let mut env = plan.env.clone();
-        env.extend(extra_env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let env = task_env(&plan, extra_env);
         for _attempt in 0..2 {
             let server = self.server_for(&plan).await?;
             match server
@@ -794,10 +797,8 @@ impl ForkServerLauncher {
             return self.fork_task(request, extra_env, rlimit_as).await;
         }
         let plan = self.configured_plan()?;
-        let mut env = plan.env.clone();
-        env.extend(extra_env.iter().map(|(k, v)| (k.clone(), v.clone())));
         let key = SpareKey {
-            env,
+            env: task_env(&plan, extra_env),
             rlimit_as,
             hostname: hostname.to_owned(),
         };
