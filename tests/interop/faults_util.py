@@ -4,6 +4,7 @@ Everything here acts only on what the tests start (their own om-worker, Secantus
 relay in front of Redis), except RabbitMQ's application, which the RabbitMQ test stops and starts
 (`rabbitmqctl stop_app/start_app`: the node process keeps running) and always restores.
 """
+import contextlib
 import json
 import os
 import signal
@@ -419,3 +420,25 @@ def stop_worker_checked(w, wtmp, cleanup, what):
         problems.append("om-worker panicked")
     if problems:
         fail(f"{what} teardown: " + " | ".join(problems) + f"\n--- worker log ---\n{w.log_tail()}")
+
+
+@contextlib.contextmanager
+def notebook_worker(om_worker_bin, mongo, base, prefix, what):
+    """A ready om-worker for notebook tests (RabbitMQ, rpc://, `-c 2`, its own OMEGA_TMP under
+    `base`), stopped and checked for leftovers (`stop_worker_checked`) on exit. Yields
+    (worker, its OMEGA_TMP, a marks directory, its queue label)."""
+    from conftest import AMQP_URL, VENV_PY, Broker, WorkerProc, short_id, worker_env
+
+    wtmp, marks = base / "worker-tmp", base / "marks"
+    wtmp.mkdir()
+    marks.mkdir()
+    label = f"{prefix}-{short_id()}"
+    node = f"{prefix}-{short_id()}@%h"
+    argv = [str(om_worker_bin), "worker", "-Q", label, "-c", "2", "-n", node, "-l", "info",
+            "--python", str(VENV_PY)]
+    w = WorkerProc(argv, worker_env(wtmp, AMQP_URL, "rpc://", mongo), base / "om-worker.log", node)
+    try:
+        w.wait_ready()
+        yield w, wtmp, marks, label
+    finally:
+        stop_worker_checked(w, wtmp, lambda: Broker("amqp").cleanup([label], []), what)

@@ -34,8 +34,8 @@ import pymongo
 import pytest
 
 import faults_util as fu
-from conftest import (AMQP_URL, REDIS_URL, VENV, VENV_PY, _NO_CONFIG, Broker, WorkerProc, free_port,
-                      rabbitmqctl, short_id, wait_until, worker_env)
+from conftest import (AMQP_URL, REDIS_URL, VENV, VENV_PY, _NO_CONFIG, Broker, free_port, rabbitmqctl,
+                      short_id, wait_until)
 from omega_scenarios import client_env
 
 # Seconds from the broker being back (a client's handshake succeeds) to om-worker logging its
@@ -404,21 +404,9 @@ class NbWorker:
 @pytest.fixture(scope="module")
 def nbw(om_worker_bin, mongo, tmp_path_factory):
     base = tmp_path_factory.mktemp("faults-nb")
-    wtmp, marks = base / "worker-tmp", base / "marks"
-    wtmp.mkdir()
-    marks.mkdir()
-    label = f"omw-faultnb-{short_id()}"
-    node = f"omw-faultnb-{short_id()}@%h"
-    argv = [str(om_worker_bin), "worker", "-Q", label, "-c", "2", "-n", node, "-l", "info",
-            "--python", str(VENV_PY)]
-    env = worker_env(wtmp, AMQP_URL, "rpc://", mongo)
-    w = WorkerProc(argv, env, base / "om-worker.log", node)
-    try:
-        w.wait_ready()
+    with fu.notebook_worker(om_worker_bin, mongo, base, "omw-faultnb",
+                            "misbehaving-notebook worker") as (w, wtmp, marks, label):
         yield NbWorker(w, wtmp, marks, label, mongo)
-    finally:
-        fu.stop_worker_checked(w, wtmp, lambda: Broker("amqp").cleanup([label], []),
-                               "misbehaving-notebook worker")
 
 
 @pytest.fixture

@@ -19,8 +19,7 @@ import time
 import pytest
 
 import faults_util as fu
-from conftest import (AMQP_URL, VENV_PY, _NO_CONFIG, Broker, WorkerProc, short_id, wait_until,
-                      worker_env)
+from conftest import AMQP_URL, VENV_PY, _NO_CONFIG, short_id, wait_until
 from omega_scenarios import client_env
 
 WORKER_KERNELS = True
@@ -64,19 +63,9 @@ out(res)
 @pytest.fixture(scope="module")
 def iso(om_worker_bin, mongo, tmp_path_factory):
     base = tmp_path_factory.mktemp("isolation")
-    wtmp, marks = base / "worker-tmp", base / "marks"
-    wtmp.mkdir()
-    marks.mkdir()
-    label = f"omw-iso-{short_id()}"
-    node = f"omw-iso-{short_id()}@%h"
-    argv = [str(om_worker_bin), "worker", "-Q", label, "-c", "2", "-n", node, "-l", "info",
-            "--python", str(VENV_PY)]
-    w = WorkerProc(argv, worker_env(wtmp, AMQP_URL, "rpc://", mongo), base / "om-worker.log", node)
-    try:
-        w.wait_ready()
+    with fu.notebook_worker(om_worker_bin, mongo, base, "omw-iso",
+                            "isolation worker") as (w, _wtmp, marks, label):
         yield {"w": w, "label": label, "mongo": mongo, "marks": marks, "base": base}
-    finally:
-        fu.stop_worker_checked(w, wtmp, lambda: Broker("amqp").cleanup([label], []), "isolation worker")
 
 
 def run_jobs(iso, jobs, timeout=300):
