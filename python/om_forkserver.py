@@ -504,16 +504,29 @@ def _spare_body(runner, go_fd):
     return body
 
 
-def _load_runner():
-    """om_taskrunner.py from this script's directory (sys.path[0] is dropped in main())."""
+def _load_sibling(name):
+    """``<name>.py`` from this script's directory (sys.path[0] is dropped in main())."""
     import importlib.util
 
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "om_taskrunner.py")
-    spec = importlib.util.spec_from_file_location("om_taskrunner", path)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["om_taskrunner"] = mod
+    sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def _shell_body(prepared):
+    """A notebook kernel without a kernel app: the shell ``om_shell.prepare`` built before the
+    fork runs the cells om-worker sends over the request's socket (see om_shell.py)."""
+    import om_shell
+
+    def body(req):
+        os.environ["JPY_PARENT_PID"] = str(_owner or os.getppid())
+        om_shell.serve(prepared, req)
+        return 0
+
+    return body
 
 
 def _reap(out_fd):
@@ -594,7 +607,7 @@ def main():
     preload = _parse_args(sys.argv[1:])
     runner, runner_error = None, None
     try:
-        runner = _load_runner()
+        runner = _load_sibling("om_taskrunner")
     except BaseException as e:  # kernels still work; `task` requests get an error event
         runner_error = "%s: %s" % (type(e).__name__, e)
 
@@ -651,6 +664,21 @@ def main():
         except BaseException as e:  # tasks still run, loading the app themselves
             results[TASK_PRELOAD] = "%s: %s" % (type(e).__name__, e)
 
+    # Notebook kernels without a kernel app (om_shell.py): ipykernel's kernel object and shell,
+    # built once here; the `shell` op forks a child that only connects and runs cells.
+    shell_body, shell_error = None, None
+    try:
+        om_shell = _load_sibling("om_shell")
+        prepared = om_shell.prepare()
+        _cap_output_messages(prepared.session)
+        shell_body = _shell_body(prepared)
+    except BaseException as e:  # kernels are then forked as full ipykernel apps (`fork`)
+        shell_error = "%s: %s" % (type(e).__name__, e)
+        try:
+            traceback.print_exc()
+        except BaseException:
+            pass
+
     warnings = []
     if threading.active_count() > 1:
         warnings.append(
@@ -682,7 +710,7 @@ def main():
     _write(
         out_fd,
         {"event": "ready", "pid": os.getpid(), "preload": results, "warnings": warnings,
-         "task_runner": runner_error},
+         "task_runner": runner_error, "shell": shell_error},
     )
 
     buf = b""
@@ -732,10 +760,20 @@ def main():
                     go = _spares.pop(req.get("pid"), None)
                     if go is not None:
                         os.close(go)
-                elif op in ("fork", "task", "spare"):
+                elif op in ("fork", "shell", "task", "spare"):
                     go_r = None
                     if op == "fork":
                         body = kernel_body
+                    elif op == "shell":
+                        if shell_body is None:
+                            _write(out_fd, {"event": "error", "id": rid,
+                                            "error": "shell unavailable: %s" % shell_error})
+                            continue
+                        if not isinstance(req.get("socket"), str) or not req["socket"]:
+                            _write(out_fd, {"event": "error", "id": rid,
+                                            "error": "shell: 'socket' must be a path"})
+                            continue
+                        body = shell_body
                     elif runner is None:
                         _write(out_fd, {"event": "error", "id": rid,
                                         "error": "task runner unavailable: %s" % runner_error})

@@ -79,8 +79,9 @@ pub struct WorkerFlags {
     /// Python interpreter for kernels. Env: OM_WORKER_PYTHON.
     #[arg(long)]
     pub python: Option<String>,
-    /// Kernels kept started and ready ahead of tasks (default: the concurrency; 0 = off).
-    /// Each is used by one task only. Env: OM_WORKER_KERNEL_POOL.
+    /// Kernels kept started and ready ahead of tasks (0 = off). Default: none with
+    /// `--kernel-mode shell` on the fork server (a kernel then starts in milliseconds), else the
+    /// concurrency. Each is used by one task only. Env: OM_WORKER_KERNEL_POOL.
     #[arg(long, value_name = "N")]
     pub kernel_pool: Option<usize>,
     /// Fork kernels from a server that imported ipykernel and omegaml once (default on;
@@ -90,6 +91,12 @@ pub struct WorkerFlags {
     /// Start every kernel as a fresh process (no fork server).
     #[arg(long, overrides_with = "fork_server")]
     pub no_fork_server: bool,
+    /// How the fork server makes a notebook's kernel: `shell` (default: ipykernel's shell
+    /// prepared once before the fork, the child only runs the cells, over one Unix socket) or
+    /// `ipykernel` (a full ipykernel app per run, forked). Kernelspecs that are not the fork
+    /// server's Python always start as their own process. Env: OM_WORKER_KERNEL_MODE.
+    #[arg(long, value_name = "MODE")]
+    pub kernel_mode: Option<String>,
     /// Extra modules the fork server imports once, comma-separated (in addition to omegaml).
     /// Env: OM_WORKER_PRELOAD.
     #[arg(long, value_delimiter = ',', value_name = "MODS")]

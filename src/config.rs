@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::cli::{LogFormat, WorkerFlags};
+use crate::kernel::KernelMode;
 use crate::redact::mask_url;
 
 /// The `result_serializer` setting's type; it lives with the result codec
@@ -101,6 +102,8 @@ pub struct FileConfig {
     pub kernel_pool: Option<usize>,
     /// Fork kernels from the fork server.
     pub fork_server: Option<bool>,
+    /// How notebook kernels are made (`shell` or `ipykernel`).
+    pub kernel_mode: Option<String>,
     /// Extra fork-server preload modules.
     pub preload: Option<Vec<String>>,
     /// Soft time limit.
@@ -180,6 +183,8 @@ pub struct Config {
     pub kernel_pool: usize,
     /// Fork kernels from a pre-imported Python (falls back to plain processes).
     pub fork_server: bool,
+    /// How the fork server makes notebook kernels (see [`KernelMode`]).
+    pub kernel_mode: KernelMode,
     /// Extra modules the fork server imports (besides its omegaml defaults).
     pub preload: Vec<String>,
     /// Default soft time limit (s).
@@ -336,17 +341,6 @@ impl Config {
         .map(|g| g.trim().to_owned())
         .filter(|g| !g.is_empty())
         .collect();
-        // flags > env > file > the concurrency (one ready kernel per task slot).
-        let kernel_pool = match flags.kernel_pool {
-            Some(n) => n,
-            None => match env_any(&["OM_WORKER_KERNEL_POOL"]) {
-                Some(v) => v.trim().parse().map_err(|e| ConfigError::Invalid {
-                    name: "kernel_pool",
-                    reason: format!("{v:?}: {e}"),
-                })?,
-                None => file.kernel_pool.unwrap_or(concurrency),
-            },
-        };
         let fork_server = if flags.no_fork_server {
             false
         } else if flags.fork_server {
@@ -361,6 +355,35 @@ impl Config {
                 })
                 .or(file.fork_server)
                 .unwrap_or(true)
+        };
+        let kernel_mode: KernelMode = match flags
+            .kernel_mode
+            .clone()
+            .or_else(|| env_any(&["OM_WORKER_KERNEL_MODE"]))
+            .or_else(|| file.kernel_mode.clone())
+        {
+            Some(v) => v.parse().map_err(|reason| ConfigError::Invalid {
+                name: "kernel_mode",
+                reason,
+            })?,
+            None => KernelMode::default(),
+        };
+        // flags > env > file > default: none when forked shells start in milliseconds, else the
+        // concurrency (one ready kernel per task slot).
+        let default_pool = if fork_server && kernel_mode == KernelMode::Shell {
+            0
+        } else {
+            concurrency
+        };
+        let kernel_pool = match flags.kernel_pool {
+            Some(n) => n,
+            None => match env_any(&["OM_WORKER_KERNEL_POOL"]) {
+                Some(v) => v.trim().parse().map_err(|e| ConfigError::Invalid {
+                    name: "kernel_pool",
+                    reason: format!("{v:?}: {e}"),
+                })?,
+                None => file.kernel_pool.unwrap_or(default_pool),
+            },
         };
         let preload: Vec<String> = flags
             .preload
@@ -407,6 +430,7 @@ impl Config {
                 .unwrap_or_else(|| "python3".to_owned()),
             kernel_pool,
             fork_server,
+            kernel_mode,
             preload,
             soft_time_limit,
             hard_time_limit: soft_time_limit + HARD_LIMIT_MARGIN,
@@ -503,6 +527,7 @@ impl Config {
         line("python", quoted(&self.python));
         line("kernel_pool", self.kernel_pool.to_string());
         line("fork_server", self.fork_server.to_string());
+        line("kernel_mode", quoted(&self.kernel_mode.to_string()));
         line(
             "preload",
             format!(

@@ -5,11 +5,129 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use om_worker::kernel::KernelTracker;
+use std::sync::{Arc, Mutex};
+
+use om_worker::kernel::{
+    ForkServerConfig, ForkServerLauncher, Kernel, KernelEnv, KernelError, KernelLauncher,
+    KernelMode, KernelTracker, LaunchOptions,
+};
 use om_worker::notebook::{
     Cell, Executor, ExecutorConfig, Notebook, Progress, RunOptions, RunOutcome,
 };
 use tokio::sync::mpsc;
+
+/// Which kernel the executor tests run against (see [`on_both_paths!`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelPath {
+    /// A real ipykernel app in its own process (`python -m ipykernel_launcher`).
+    Ipykernel,
+    /// om-worker's default: ipykernel's shell forked from the fork server, over one socket.
+    Shell,
+}
+
+tokio::task_local! {
+    static PATH: KernelPath;
+}
+
+/// The path of the running test ([`KernelPath::Ipykernel`] outside [`on_both_paths!`]).
+pub fn kernel_path() -> KernelPath {
+    PATH.try_with(|p| *p).unwrap_or(KernelPath::Ipykernel)
+}
+
+/// Runs `body` with [`config`] building executors for `path`.
+pub async fn with_path<F: std::future::Future<Output = ()>>(path: KernelPath, body: F) {
+    PATH.scope(path, body).await
+}
+
+/// Defines the test once per kernel path: `mod NAME { fn ipykernel(); fn shell(); }`. Every
+/// executor built by [`config`]/[`tracked_config`] inside the body uses that path; on the shell
+/// path a run that did not get a forked shell fails (no silent fallback to a plain kernel).
+#[macro_export]
+macro_rules! on_both_paths {
+    ($(#[$meta:meta])* async fn $name:ident() $body:block) => {
+        $(#[$meta])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[tokio::test]
+            async fn ipykernel() {
+                with_path(KernelPath::Ipykernel, async $body).await
+            }
+
+            #[tokio::test]
+            async fn shell() {
+                with_path(KernelPath::Shell, async $body).await
+            }
+        }
+    };
+}
+
+/// The env and cwd a fork server was started with.
+type ServerKey = (KernelEnv, Option<PathBuf>);
+
+/// The shell path's launcher: one fork server (shell mode, no omegaml preload) per env/cwd a
+/// test runs with, so that tests that set their own environment or cwd are forked too. Every
+/// kernel it hands out must be a forked shell.
+pub struct ShellLauncher {
+    kernels: KernelTracker,
+    servers: Mutex<Vec<(ServerKey, Arc<ForkServerLauncher>)>>,
+}
+
+impl ShellLauncher {
+    pub fn new(kernels: KernelTracker) -> Self {
+        ShellLauncher {
+            kernels,
+            servers: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn server(&self, opts: &LaunchOptions) -> Arc<ForkServerLauncher> {
+        let key = (opts.env.clone(), opts.cwd.clone());
+        let mut servers = self.servers.lock().unwrap();
+        if let Some((_, s)) = servers.iter().find(|(k, _)| *k == key) {
+            return Arc::clone(s);
+        }
+        let mut fs = ForkServerConfig::new(venv_python());
+        fs.default_preload = false;
+        fs.env = opts.env.clone();
+        fs.cwd = opts.cwd.clone();
+        fs.kernel_mode = KernelMode::Shell;
+        fs.task_spares = false;
+        let server = Arc::new(ForkServerLauncher::new(fs, self.kernels.clone()));
+        servers.push((key, Arc::clone(&server)));
+        server
+    }
+}
+
+#[async_trait::async_trait]
+impl KernelLauncher for ShellLauncher {
+    async fn launch(&self, opts: &LaunchOptions) -> Result<Kernel, KernelError> {
+        let server = self.server(opts);
+        let kernel = server.launch(opts).await?;
+        let stats = server.stats();
+        if stats.local > 0 || !kernel.connection_file.ends_with("shell") {
+            return Err(KernelError::Startup(format!(
+                "test expected a forked shell, got {} ({stats:?})",
+                kernel.connection_file.display()
+            )));
+        }
+        Ok(kernel)
+    }
+
+    async fn shutdown(&self) {
+        let servers: Vec<_> = self
+            .servers
+            .lock()
+            .unwrap()
+            .drain(..)
+            .map(|(_, s)| s)
+            .collect();
+        for s in servers {
+            s.shutdown().await;
+        }
+    }
+}
 
 /// The pinned venv's python. Missing venv is a hard failure, never a skip.
 pub fn venv_python() -> PathBuf {
@@ -27,9 +145,12 @@ pub fn config() -> ExecutorConfig {
     tracked_config(KernelTracker::new())
 }
 
-/// [`config`] registering its kernels in `kernels`.
+/// [`config`] registering its kernels in `kernels`, for the test's [`kernel_path`].
 pub fn tracked_config(kernels: KernelTracker) -> ExecutorConfig {
-    let mut c = ExecutorConfig::local(venv_python(), kernels);
+    let mut c = match kernel_path() {
+        KernelPath::Ipykernel => ExecutorConfig::local(venv_python(), kernels),
+        KernelPath::Shell => ExecutorConfig::new(Arc::new(ShellLauncher::new(kernels))),
+    };
     c.cwd = Some(std::env::temp_dir());
     c
 }

@@ -161,17 +161,20 @@ async fn compare(name: &str, expect_error: Option<&str>) {
     }
 }
 
-#[tokio::test]
+on_both_paths! {
 async fn basic_matches_nbclient() {
     compare("basic.ipynb", None).await;
 }
+}
 
-#[tokio::test]
+on_both_paths! {
 async fn errors_match_nbclient() {
     compare("errors.ipynb", Some("ValueError")).await;
 }
+}
 
-#[tokio::test]
+on_both_paths! {
 async fn display_matches_nbclient() {
     compare("display.ipynb", None).await;
+}
 }

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 const GONE: Duration = Duration::from_secs(10);
 
-#[tokio::test]
+on_both_paths! {
 async fn kill_all_kernels_stops_a_running_notebook() {
     let kernels = KernelTracker::new();
     let exec = Executor::new(tracked_config(kernels.clone()));
@@ -54,4 +54,5 @@ async fn kill_all_kernels_stops_a_running_notebook() {
         o.error
     );
     assert!(wait_group_gone(pid, GONE).await.is_empty());
+}
 }

@@ -29,7 +29,7 @@ fn has_marker(o: &om_worker::notebook::RunOutcome, cell: usize) -> bool {
     })
 }
 
-#[tokio::test]
+on_both_paths! {
 async fn ten_megabyte_flood_is_capped() {
     let mut c = config();
     c.max_cell_output_bytes = 1024 * 1024;
@@ -54,8 +54,9 @@ async fn ten_megabyte_flood_is_capped() {
     nbformat_validate(&o.notebook);
     assert!(wait_group_gone(pid.expect("pid"), GONE).await.is_empty());
 }
+}
 
-#[tokio::test]
+on_both_paths! {
 async fn default_cap_and_notebook_cap() {
     // default per-cell cap (10 MiB) against a 12 MB flood
     let nb =
@@ -82,8 +83,9 @@ async fn default_cap_and_notebook_cap() {
     assert!(stream_bytes(&o, 1) < 600_000);
     assert!(has_marker(&o, 2));
 }
+}
 
-#[tokio::test]
+on_both_paths! {
 async fn infinite_loop_hits_cell_timeout_and_is_interrupted() {
     let nb = notebook(&["x = 1", "while True:\n    pass", "print('never')"]);
     let opts = RunOptions {
@@ -120,8 +122,9 @@ async fn infinite_loop_hits_cell_timeout_and_is_interrupted() {
         "orphan after timeout"
     );
 }
+}
 
-#[tokio::test]
+on_both_paths! {
 async fn whole_run_timeout_kills_an_uninterruptible_cell() {
     // SIGINT is ignored by the cell, so the run must end by killing the kernel.
     let nb = notebook(&["import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    time.sleep(0.1)"]);
@@ -150,8 +153,9 @@ async fn whole_run_timeout_kills_an_uninterruptible_cell() {
         "orphan after run timeout"
     );
 }
+}
 
-#[tokio::test]
+on_both_paths! {
 async fn os_exit_is_reported_as_kernel_death_quickly() {
     let nb = notebook(&["print('alive')", "import os\nos._exit(1)", "print('never')"]);
     let t = Instant::now();
@@ -172,8 +176,9 @@ async fn os_exit_is_reported_as_kernel_death_quickly() {
     nbformat_validate(&o.notebook);
     assert!(wait_group_gone(pid.expect("pid"), GONE).await.is_empty());
 }
+}
 
-#[tokio::test]
+on_both_paths! {
 async fn sigkill_of_the_kernel_is_reported() {
     let nb = notebook(&["import os, signal\nos.kill(os.getpid(), signal.SIGKILL)"]);
     let (o, _) = run(nb).await;
@@ -182,8 +187,9 @@ async fn sigkill_of_the_kernel_is_reported() {
         other => panic!("expected KernelDied, got {other:?}"),
     }
 }
+}
 
-#[tokio::test]
+on_both_paths! {
 async fn no_orphans_after_success_even_with_subprocesses() {
     let tag = format!("sleep {}", 1000 + std::process::id() % 1000);
     let nb = notebook(&[&format!(
@@ -201,8 +207,9 @@ async fn no_orphans_after_success_even_with_subprocesses() {
         "subprocess of the kernel survived"
     );
 }
+}
 
-#[tokio::test]
+on_both_paths! {
 async fn cancellation_kills_the_kernel() {
     let exec = executor();
     let token = CancellationToken::new();
@@ -246,8 +253,9 @@ async fn cancellation_kills_the_kernel() {
     );
     assert!(wait_group_gone(pid.expect("pid"), GONE).await.is_empty());
 }
+}
 
-#[tokio::test]
+on_both_paths! {
 async fn memory_limit_turns_a_huge_allocation_into_memory_error() {
     let mut c = config();
     c.memory_limit_bytes = Some(3 * 1024 * 1024 * 1024);
@@ -264,6 +272,7 @@ async fn memory_limit_turns_a_huge_allocation_into_memory_error() {
         Some(RunError::Cell(e)) => assert_eq!(e.ename, "MemoryError"),
         other => panic!("expected MemoryError, got {other:?}"),
     }
+}
 }
 
 #[tokio::test]

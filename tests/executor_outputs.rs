@@ -7,7 +7,7 @@ use common::*;
 use om_worker::notebook::{Cell, Executor, RunError, RunOptions, StreamMerge};
 use serde_json::json;
 
-#[tokio::test]
+on_both_paths! {
 async fn streams_are_merged_per_name() {
     let nb = notebook(&[
         "import sys\nfor i in range(3):\n    print(i, flush=True)\n    sys.stdout.flush()\nsys.stderr.write('e1\\n'); sys.stderr.flush()\nprint('after')",
@@ -35,8 +35,9 @@ async fn streams_are_merged_per_name() {
         .any(|o| o["name"] == "stderr" && o["text"] == "e1\n"));
     nbformat_validate(&o.notebook);
 }
+}
 
-#[tokio::test]
+on_both_paths! {
 async fn coalesce_mode_matches_nbclient_coalesce_streams() {
     let mut c = config();
     c.stream_merge = StreamMerge::Coalesce;
@@ -48,8 +49,9 @@ async fn coalesce_mode_matches_nbclient_coalesce_streams() {
     assert_eq!(outs.len(), 2, "{outs:?}");
     assert_eq!(outs[0]["text"], "a\nc\n");
 }
+}
 
-#[tokio::test]
+on_both_paths! {
 async fn rich_display_execute_result_and_unicode() {
     let png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==";
     let nb = notebook(&[
@@ -79,8 +81,9 @@ async fn rich_display_execute_result_and_unicode() {
     assert!(text.contains("😀"), "ensure_ascii=False");
     nbformat_validate(&o.notebook);
 }
+}
 
-#[tokio::test]
+on_both_paths! {
 async fn update_display_and_clear_output() {
     let nb = notebook(&[
         "from IPython.display import display\nh = display('v1', display_id='d1')",
@@ -99,8 +102,9 @@ async fn update_display_and_clear_output() {
     assert_eq!(outs.len(), 1, "{outs:?}");
     assert_eq!(outs[0]["text"], "kept2\n");
 }
+}
 
-#[tokio::test]
+on_both_paths! {
 async fn error_stops_the_run_and_is_recorded() {
     let mut nb = notebook(&[
         "x = 1",
@@ -155,8 +159,9 @@ async fn error_stops_the_run_and_is_recorded() {
         "orphan after error"
     );
 }
+}
 
-#[tokio::test]
+on_both_paths! {
 async fn tags_skip_execution_and_raises_exception() {
     let mut nb = notebook(&["raise RuntimeError('allowed')", "1/0", "print('end')"]);
     nb.cells[0]
@@ -180,8 +185,9 @@ async fn tags_skip_execution_and_raises_exception() {
     assert_eq!(outputs(&o.notebook, 2)[0]["text"], "end\n");
     assert_eq!(o.notebook.cells[2].execution_count, Some(2));
 }
+}
 
-#[tokio::test]
+on_both_paths! {
 async fn kernel_env_and_cwd() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut c = config();
@@ -204,6 +210,7 @@ async fn kernel_env_and_cwd() {
         )),
         "{text}"
     );
+}
 }
 
 #[tokio::test]

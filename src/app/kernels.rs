@@ -1,5 +1,6 @@
 //! Notebook-task wiring: the executor, the kernel launcher stack (fork
-//! server → pool → executor) and their orderly stop, built from a [`Config`].
+//! server → pool → executor; no pool by default, see [`Config::kernel_pool`])
+//! and their orderly stop, built from a [`Config`].
 //!
 //! [`NotebookRuntime`] is what the worker's owner holds: it is created with
 //! the notebook task and shut down after the last task ended, so nothing
@@ -153,6 +154,7 @@ fn kernel_launcher(
         fs.preload = config.preload.clone();
         fs.env = env.clone();
         fs.cwd = Some(config.tmp_dir.clone());
+        fs.kernel_mode = config.kernel_mode;
         Arc::new(ForkServerLauncher::new(fs, kernels.clone()))
     });
     let base: Arc<dyn KernelLauncher> = match &fork_server {
@@ -182,6 +184,7 @@ fn kernel_launcher(
     };
     info!(
         fork_server = config.fork_server,
+        kernel_mode = %config.kernel_mode,
         kernel_pool = config.kernel_pool,
         "kernel launcher"
     );

@@ -7,12 +7,21 @@
 //! iopub is drained continuously (no output loss from an unpolled socket, cf. nbconvert #1183).
 //! stdin and heartbeat are not connected: we never allow stdin, and liveness comes from the
 //! child process status (see [`super::process`]).
+//!
+//! Two transports deliver the same [`Message`]s: ZeroMQ sockets (a real ipykernel app) and one
+//! Unix stream socket to a forked shell (`python/om_shell.py`, [`KernelClient::over_socket`]).
+//! On the socket every message is the ZeroMQ multipart message prefixed with its channel name,
+//! framed as `u32le count, count × (u32le length, bytes)`, so both are decoded by the same
+//! [`Message::from_frames_capped`].
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
@@ -97,12 +106,30 @@ pub enum ClientEvent {
     Closed(Channel, String),
 }
 
+/// Largest frame part accepted on a shell socket. The shell caps each output message at
+/// [`MAX_CONTENT_BYTES`] before sending it; a part over this bound means the peer is not
+/// following the protocol, and the connection is closed (the run fails as a transport error).
+pub const MAX_SOCKET_PART: usize = 4 * MAX_CONTENT_BYTES;
+
+/// Most parts in one socket frame (channel, delimiter, signature, 4 JSON parts, buffers).
+const MAX_SOCKET_PARTS: usize = 64;
+
+/// Where requests go.
+enum Outbound {
+    /// A kernel app's shell and control sockets.
+    Zmq {
+        signer: Signer,
+        shell: zeromq::DealerSendHalf,
+        control: zeromq::DealerSendHalf,
+    },
+    /// A forked shell's socket (unsigned: private socket, peer checked by pid).
+    Socket(OwnedWriteHalf),
+}
+
 /// Connected channels to one kernel. Dropping it stops the reader tasks.
 pub struct KernelClient {
     session: String,
-    signer: Signer,
-    shell: zeromq::DealerSendHalf,
-    control: zeromq::DealerSendHalf,
+    out: Outbound,
     events: mpsc::Receiver<ClientEvent>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -162,12 +189,27 @@ impl KernelClient {
         ];
         Ok(KernelClient {
             session,
-            signer,
-            shell: shell_tx,
-            control: control_tx,
+            out: Outbound::Zmq {
+                signer,
+                shell: shell_tx,
+                control: control_tx,
+            },
             events,
             tasks,
         })
+    }
+
+    /// Channels to a forked shell over its (already accepted and peer-checked) socket.
+    pub fn over_socket(stream: UnixStream) -> Self {
+        let session = uuid::Uuid::new_v4().simple().to_string();
+        let (tx, events) = mpsc::channel(EVENT_CAPACITY);
+        let (read, write) = stream.into_split();
+        KernelClient {
+            session,
+            out: Outbound::Socket(write),
+            events,
+            tasks: vec![tokio::spawn(socket_read_loop(read, tx))],
+        }
     }
 
     /// Sends a request on shell; returns its msg_id.
@@ -176,10 +218,7 @@ impl KernelClient {
         msg_type: &str,
         content: Value,
     ) -> Result<String, KernelError> {
-        let msg = Message::new(msg_type, content, &self.session);
-        let id = msg.msg_id().to_string();
-        send(&mut self.shell, &msg, &self.signer).await?;
-        Ok(id)
+        self.request(Channel::Shell, msg_type, content).await
     }
 
     /// Sends a request on control; returns its msg_id.
@@ -188,9 +227,52 @@ impl KernelClient {
         msg_type: &str,
         content: Value,
     ) -> Result<String, KernelError> {
+        self.request(Channel::Control, msg_type, content).await
+    }
+
+    async fn request(
+        &mut self,
+        channel: Channel,
+        msg_type: &str,
+        content: Value,
+    ) -> Result<String, KernelError> {
         let msg = Message::new(msg_type, content, &self.session);
         let id = msg.msg_id().to_string();
-        send(&mut self.control, &msg, &self.signer).await?;
+        match &mut self.out {
+            Outbound::Zmq {
+                signer,
+                shell,
+                control,
+            } => {
+                let socket = if channel == Channel::Control {
+                    control
+                } else {
+                    shell
+                };
+                send(socket, &msg, signer).await?;
+            }
+            Outbound::Socket(writer) => {
+                let name: &[u8] = if channel == Channel::Control {
+                    b"control"
+                } else {
+                    b"shell"
+                };
+                let mut parts = vec![name.to_vec()];
+                parts.extend(msg.to_frames(&Signer::new("")));
+                let data = encode_socket_frame(&parts);
+                match tokio::time::timeout(SEND_TIMEOUT, writer.write_all(&data)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        return Err(KernelError::Transport(format!("send {msg_type}: {e}")))
+                    }
+                    Err(_) => {
+                        return Err(KernelError::Transport(format!(
+                            "send {msg_type} timed out after {SEND_TIMEOUT:?}"
+                        )))
+                    }
+                }
+            }
+        }
         Ok(id)
     }
 
@@ -270,5 +352,189 @@ async fn read_loop<S: SocketRecv + Send>(
                 return;
             }
         }
+    }
+}
+
+/// One socket frame: `u32le count, count × (u32le length, bytes)`.
+pub fn encode_socket_frame<B: AsRef<[u8]>>(parts: &[B]) -> Vec<u8> {
+    let total: usize = parts.iter().map(|p| 4 + p.as_ref().len()).sum();
+    let mut out = Vec::with_capacity(4 + total);
+    out.extend_from_slice(&u32::try_from(parts.len()).unwrap_or(u32::MAX).to_le_bytes());
+    for p in parts {
+        let p = p.as_ref();
+        out.extend_from_slice(&u32::try_from(p.len()).unwrap_or(u32::MAX).to_le_bytes());
+        out.extend_from_slice(p);
+    }
+    out
+}
+
+/// Why a socket frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketFrameError {
+    /// The socket failed or closed in the middle of a frame.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// More parts than any message has.
+    #[error("frame of {0} parts")]
+    TooManyParts(usize),
+    /// A part over [`MAX_SOCKET_PART`].
+    #[error("frame part of {0} bytes (limit {MAX_SOCKET_PART})")]
+    Oversized(usize),
+}
+
+/// Reads one frame; `Ok(None)` at a clean end of stream (between frames).
+pub async fn read_socket_frame<R: tokio::io::AsyncRead + Unpin>(
+    reader: &mut R,
+) -> Result<Option<Vec<Vec<u8>>>, SocketFrameError> {
+    let mut head = [0u8; 4];
+    match reader.read_exact(&mut head).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let count = u32::from_le_bytes(head) as usize;
+    if count > MAX_SOCKET_PARTS {
+        return Err(SocketFrameError::TooManyParts(count));
+    }
+    let mut parts = Vec::with_capacity(count);
+    for _ in 0..count {
+        reader.read_exact(&mut head).await?;
+        let len = u32::from_le_bytes(head) as usize;
+        if len > MAX_SOCKET_PART {
+            return Err(SocketFrameError::Oversized(len));
+        }
+        let mut part = vec![0u8; len];
+        reader.read_exact(&mut part).await?;
+        parts.push(part);
+    }
+    Ok(Some(parts))
+}
+
+/// The forked shell's socket → [`ClientEvent`]s (the channel is each frame's first part).
+async fn socket_read_loop(read: OwnedReadHalf, tx: mpsc::Sender<ClientEvent>) {
+    let mut reader = BufReader::with_capacity(64 * 1024, read);
+    let signer = Signer::new("");
+    loop {
+        let parts = match read_socket_frame(&mut reader).await {
+            Ok(Some(parts)) => parts,
+            Ok(None) => {
+                let _ = tx
+                    .send(ClientEvent::Closed(
+                        Channel::Shell,
+                        "shell socket closed".into(),
+                    ))
+                    .await;
+                return;
+            }
+            Err(e) => {
+                let _ = tx
+                    .send(ClientEvent::Closed(
+                        Channel::Shell,
+                        format!("shell socket: {e}"),
+                    ))
+                    .await;
+                return;
+            }
+        };
+        let channel = match parts.first().map(Vec::as_slice) {
+            Some(b"iopub") => Channel::IoPub,
+            Some(b"shell") => Channel::Shell,
+            Some(b"control") => Channel::Control,
+            other => {
+                tracing::warn!(
+                    channel = %String::from_utf8_lossy(other.unwrap_or_default()),
+                    "dropping a shell message on an unknown channel"
+                );
+                continue;
+            }
+        };
+        match Message::from_frames_capped(&parts[1..], &signer, MAX_CONTENT_BYTES) {
+            Ok(msg) => {
+                drop(parts);
+                if tx
+                    .send(ClientEvent::Message(channel, Box::new(msg)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Err(e) => tracing::warn!(?channel, error = %e, "dropping malformed kernel message"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn socket_frames_round_trip_and_bounds_are_enforced() {
+        let parts: Vec<Vec<u8>> = vec![b"iopub".to_vec(), Vec::new(), vec![7u8; 70_000]];
+        let data = encode_socket_frame(&parts);
+        let mut r = &data[..];
+        assert_eq!(read_socket_frame(&mut r).await.unwrap(), Some(parts));
+        assert!(read_socket_frame(&mut r).await.unwrap().is_none());
+
+        // a part larger than the bound is refused before anything is allocated for it
+        let mut big = Vec::new();
+        big.extend_from_slice(&1u32.to_le_bytes());
+        big.extend_from_slice(&u32::try_from(MAX_SOCKET_PART + 1).unwrap().to_le_bytes());
+        let mut r = &big[..];
+        assert!(matches!(
+            read_socket_frame(&mut r).await,
+            Err(SocketFrameError::Oversized(_))
+        ));
+        let many = 1000u32.to_le_bytes();
+        let mut r = &many[..];
+        assert!(matches!(
+            read_socket_frame(&mut r).await,
+            Err(SocketFrameError::TooManyParts(1000))
+        ));
+        // cut in the middle of a frame: an error, not a clean end
+        let mut r = &data[..data.len() - 1];
+        assert!(read_socket_frame(&mut r).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn messages_over_a_socket_become_client_events() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut client = KernelClient::over_socket(a);
+        let (mut peer_read, mut peer_write) = b.into_split();
+        // a request goes out as [channel, <IDS|MSG>, "", header, parent, metadata, content]
+        let id = client
+            .send_shell("kernel_info_request", serde_json::json!({}))
+            .await
+            .unwrap();
+        let frame = read_socket_frame(&mut peer_read).await.unwrap().unwrap();
+        assert_eq!(frame[0], b"shell");
+        let req = Message::from_frames(&frame[1..], &Signer::new("")).unwrap();
+        assert_eq!(req.msg_id(), id);
+        // a reply on iopub comes back as an event of that channel
+        let mut reply = Message::new(
+            "status",
+            serde_json::json!({"execution_state": "idle"}),
+            "k",
+        );
+        reply.parent_header = req.header.clone();
+        let mut parts = vec![b"iopub".to_vec()];
+        parts.extend(reply.to_frames(&Signer::new("")));
+        peer_write
+            .write_all(&encode_socket_frame(&parts))
+            .await
+            .unwrap();
+        match client.next_event().await {
+            Some(ClientEvent::Message(Channel::IoPub, m)) => {
+                assert_eq!(m.parent_msg_id(), Some(id.as_str()));
+                assert_eq!(m.content["execution_state"], "idle");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        drop(peer_write);
+        drop(peer_read);
+        assert!(matches!(
+            client.next_event().await,
+            Some(ClientEvent::Closed(Channel::Shell, _))
+        ));
     }
 }

@@ -48,13 +48,18 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 use tokio::sync::{oneshot, watch};
 
+use super::client::KernelClient;
 use super::kernelspec::{python_prefix, KernelSpec};
-use super::launcher::{kernel_env_vars, PreparedConnection, RuntimeDir};
+use super::launcher::{kernel_env_vars, wait_ready, PreparedConnection, RuntimeDir};
 use super::process::{KernelExit, KernelProcess, KernelTracker};
 use super::{Kernel, KernelEnv, KernelError, KernelLauncher, LaunchOptions, LocalLauncher};
 
 /// The fork server script, shipped inside the binary so a deployed worker needs no extra file.
 pub const FORKSERVER_SCRIPT: &str = include_str!("../../python/om_forkserver.py");
+
+/// The kernel without a kernel app the fork server's `shell` op runs in its child
+/// (`python/om_shell.py`); written next to the fork server script, where the server loads it from.
+pub const SHELL_SCRIPT: &str = include_str!("../../python/om_shell.py");
 
 /// The task runner the fork server's `task` op runs in its child (`python/om_taskrunner.py`);
 /// written next to the fork server script, where the server loads it from.
@@ -66,6 +71,40 @@ const MAX_LINE: usize = 1 << 20;
 
 /// How long a fork request may take (the fork itself is milliseconds).
 const FORK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How the fork server makes a notebook's kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KernelMode {
+    /// ipykernel's own kernel object and shell, built once in the server
+    /// (`python/om_shell.py`); each run's child only connects to om-worker over one Unix socket
+    /// and runs the cells. The default: a notebook run then costs what its cells cost (no
+    /// ZeroMQ sockets, threads or traitlets configuration per run), with ipykernel's messages.
+    #[default]
+    Shell,
+    /// A full ipykernel app per run, forked: ZeroMQ sockets, heartbeat/IOPub/control threads and
+    /// the shell set up in each child (what `python -m ipykernel_launcher` does).
+    Ipykernel,
+}
+
+impl std::str::FromStr for KernelMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "shell" => Ok(KernelMode::Shell),
+            "ipykernel" => Ok(KernelMode::Ipykernel),
+            other => Err(format!("{other:?}: expected shell or ipykernel")),
+        }
+    }
+}
+
+impl std::fmt::Display for KernelMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KernelMode::Shell => "shell",
+            KernelMode::Ipykernel => "ipykernel",
+        })
+    }
+}
 
 /// Fork server settings.
 #[derive(Debug, Clone)]
@@ -92,6 +131,8 @@ pub struct ForkServerConfig {
     /// (`om_taskrunner.warm_up`) ahead of the next task: see
     /// [`ForkServerLauncher::fork_task_warm`].
     pub task_spares: bool,
+    /// How notebook kernels are made (see [`KernelMode`]).
+    pub kernel_mode: KernelMode,
 }
 
 impl ForkServerConfig {
@@ -108,6 +149,7 @@ impl ForkServerConfig {
             max_restarts: 3,
             ready_timeout: Duration::from_secs(120),
             task_spares: true,
+            kernel_mode: KernelMode::default(),
         }
     }
 }
@@ -135,6 +177,9 @@ enum Event {
         preload: BTreeMap<String, Option<String>>,
         #[serde(default)]
         warnings: Vec<String>,
+        /// Why the `shell` op is unavailable (`None`: available).
+        #[serde(default)]
+        shell: Option<String>,
     },
     Fatal {
         error: String,
@@ -200,6 +245,8 @@ struct Server {
     shared: Arc<Shared>,
     next_id: AtomicU64,
     started: Instant,
+    /// Why this server cannot fork shells (`None`: it can).
+    shell_unavailable: Option<String>,
     _dir: RuntimeDir,
 }
 
@@ -216,6 +263,18 @@ impl Server {
         rlimit_as: Option<u64>,
     ) -> Result<(i32, watch::Receiver<Option<KernelExit>>), ForkError> {
         let req = json!({"op": "fork", "argv": args});
+        self.spawn_child(req, env, cwd, rlimit_as).await
+    }
+
+    /// Asks the server for a forked shell (`op: shell`) that connects to `socket`.
+    async fn fork_shell(
+        &self,
+        socket: &std::path::Path,
+        env: &BTreeMap<String, String>,
+        cwd: Option<&PathBuf>,
+        rlimit_as: Option<u64>,
+    ) -> Result<(i32, watch::Receiver<Option<KernelExit>>), ForkError> {
+        let req = json!({"op": "shell", "socket": socket.to_string_lossy()});
         self.spawn_child(req, env, cwd, rlimit_as).await
     }
 
@@ -908,6 +967,8 @@ impl ForkServerLauncher {
         std::fs::write(&script, FORKSERVER_SCRIPT).map_err(|e| format!("writing script: {e}"))?;
         std::fs::write(dir.0.join("om_taskrunner.py"), TASKRUNNER_SCRIPT)
             .map_err(|e| format!("writing task runner: {e}"))?;
+        std::fs::write(dir.0.join("om_shell.py"), SHELL_SCRIPT)
+            .map_err(|e| format!("writing shell: {e}"))?;
         let mut cmd = tokio::process::Command::new(&plan.interp[0]);
         cmd.args(&plan.interp[1..]).arg(&script);
         if !self.config.default_preload {
@@ -958,6 +1019,7 @@ impl ForkServerLauncher {
             }
         })
         .await;
+        let shell_unavailable;
         let fail = |child: &mut Child, msg: String| {
             let _ = child.start_kill();
             msg
@@ -982,7 +1044,15 @@ impl ForkServerLauncher {
                 pid: reported,
                 preload,
                 warnings,
+                shell,
             })) => {
+                if let (Some(why), KernelMode::Shell) = (&shell, self.config.kernel_mode) {
+                    tracing::warn!(
+                        "fork server: notebooks run in forked ipykernel apps, its shell is \
+                         unavailable: {why}"
+                    );
+                }
+                shell_unavailable = shell;
                 if reported != pid {
                     tracing::debug!(pid, reported, "fork server reports another pid");
                 }
@@ -1025,6 +1095,7 @@ impl ForkServerLauncher {
             shared,
             next_id: AtomicU64::new(1),
             started,
+            shell_unavailable,
             _dir: dir,
         })
     }
@@ -1042,6 +1113,9 @@ impl ForkServerLauncher {
         opts: &LaunchOptions,
         started: Instant,
     ) -> Result<Option<Kernel>, ForkError> {
+        if self.config.kernel_mode == KernelMode::Shell && server.shell_unavailable.is_none() {
+            return self.try_fork_shell(plan, server, opts, started).await;
+        }
         let mut conn = PreparedConnection::create(&plan.spec.name, opts.transport)
             .map_err(|e| ForkError::Failed(e.to_string()))?;
         let prefix = python_prefix(&self.local.python);
@@ -1072,6 +1146,81 @@ impl ForkServerLauncher {
                     plan.spec.clone(),
                     info,
                     started.elapsed(),
+                )))
+            }
+            Err(e) => {
+                process.kill().await;
+                Err(ForkError::Failed(e.to_string()))
+            }
+        }
+    }
+}
+
+impl ForkServerLauncher {
+    /// One fork of a shell (`python/om_shell.py`): a private socket in a fresh 0700 dir, the
+    /// child forked to connect to it, the connection accepted only from that child's pid, then
+    /// the usual kernel_info handshake. `Ok(None)`: the server is gone, retry.
+    async fn try_fork_shell(
+        &self,
+        plan: &Plan,
+        server: &Server,
+        opts: &LaunchOptions,
+        started: Instant,
+    ) -> Result<Option<Kernel>, ForkError> {
+        let dir =
+            RuntimeDir::create().map_err(|e| ForkError::Failed(format!("runtime dir: {e}")))?;
+        let path = dir.0.join("shell");
+        let listener = tokio::net::UnixListener::bind(&path)
+            .map_err(|e| ForkError::Failed(format!("shell socket {}: {e}", path.display())))?;
+        let (pid, exit) = match server
+            .fork_shell(&path, &plan.env, opts.cwd.as_ref(), opts.memory_limit_bytes)
+            .await
+        {
+            Ok(x) => x,
+            Err(ForkError::Gone) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let process = KernelProcess::external(pid, exit, self.local.kernels());
+        tracing::debug!(pid, server = server.pid, "shell forked");
+        let ready = async {
+            let stream = loop {
+                let (stream, _) = listener
+                    .accept()
+                    .await
+                    .map_err(|e| KernelError::Transport(format!("shell socket accept: {e}")))?;
+                match stream.peer_cred() {
+                    Ok(cred) if cred.pid() == Some(pid) => break stream,
+                    Ok(cred) => tracing::warn!(
+                        expected = pid,
+                        peer = ?cred.pid(),
+                        "shell socket: connection from another process refused"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "shell socket: peer unknown, refused"),
+                }
+            };
+            let mut client = KernelClient::over_socket(stream);
+            let info = wait_ready(&mut client).await?;
+            Ok::<_, KernelError>((client, info))
+        };
+        let result = tokio::select! {
+            r = ready => r,
+            status = process.exited() => Err(KernelError::Died(format!(
+                "kernel exited during startup: {status}"))),
+            _ = tokio::time::sleep(opts.startup_timeout) => Err(KernelError::Startup(format!(
+                "kernel not ready after {:?}", opts.startup_timeout))),
+        };
+        drop(listener);
+        match result {
+            Ok((client, info)) => {
+                self.forked.fetch_add(1, Ordering::Relaxed);
+                Ok(Some(Kernel::over_socket(
+                    client,
+                    process,
+                    plan.spec.clone(),
+                    info,
+                    started.elapsed(),
+                    path,
+                    dir,
                 )))
             }
             Err(e) => {

@@ -187,12 +187,34 @@ pub struct Kernel {
     pub kernel_info: Value,
     /// Spawn → ready.
     pub startup_time: Duration,
-    /// Connection file path (inside the private runtime dir).
+    /// Connection file path (inside the private runtime dir); for a forked shell, its socket.
     pub connection_file: PathBuf,
     runtime_dir: Option<RuntimeDir>,
 }
 
 impl Kernel {
+    /// A ready kernel that is not reached through a connection file (a forked shell: `endpoint`
+    /// is its socket, inside `runtime_dir`, which is removed with the kernel).
+    pub(crate) fn over_socket(
+        client: KernelClient,
+        process: KernelProcess,
+        spec: KernelSpec,
+        kernel_info: Value,
+        startup_time: Duration,
+        endpoint: PathBuf,
+        runtime_dir: RuntimeDir,
+    ) -> Kernel {
+        Kernel {
+            client,
+            process,
+            spec,
+            kernel_info,
+            startup_time,
+            connection_file: endpoint,
+            runtime_dir: Some(runtime_dir),
+        }
+    }
+
     /// Interrupts the running cell: SIGINT to the process group (`interrupt_mode: signal`, the
     /// default), or `interrupt_request` on control (`interrupt_mode: message`).
     pub async fn interrupt(&mut self) -> Result<(), KernelError> {
@@ -507,7 +529,7 @@ impl KernelLauncher for LocalLauncher {
 }
 
 /// kernel_info handshake: resend every 500 ms until a reply arrived and iopub is live.
-async fn wait_ready(client: &mut KernelClient) -> Result<Value, KernelError> {
+pub(crate) async fn wait_ready(client: &mut KernelClient) -> Result<Value, KernelError> {
     let mut reply: Option<Value> = None;
     let mut iopub_live = false;
     client.send_shell("kernel_info_request", json!({})).await?;

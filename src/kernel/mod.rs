@@ -8,7 +8,9 @@
 //!   at shutdown;
 //! - [`launcher`]: the [`KernelLauncher`] trait and [`LocalLauncher`];
 //! - [`forkserver`]: [`ForkServerLauncher`], kernels forked from a Python that has already
-//!   imported ipykernel and omegaml (falls back to [`LocalLauncher`]);
+//!   imported ipykernel and omegaml (falls back to [`LocalLauncher`]); by default a forked
+//!   child is ipykernel's shell prepared before the fork, reached over one Unix socket
+//!   ([`KernelMode::Shell`], `python/om_shell.py`), else a full ipykernel app;
 //! - [`pool`]: [`PooledLauncher`], pre-started kernels, each used by exactly one run.
 //!
 //! The notebook executor lives in [`crate::notebook::executor`].
@@ -22,7 +24,7 @@ pub mod process;
 pub mod wire;
 
 pub use client::{Channel, ClientEvent, ConnectionInfo, KernelClient};
-pub use forkserver::{ForkServerConfig, ForkServerLauncher};
+pub use forkserver::{ForkServerConfig, ForkServerLauncher, KernelMode};
 pub use kernelspec::{find_kernelspec, KernelSpec};
 pub use launcher::{
     sweep_stale_runtime_dirs, Kernel, KernelEnv, KernelLauncher, LaunchOptions, LocalLauncher,
