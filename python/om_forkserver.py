@@ -428,6 +428,22 @@ def _cap_output_messages(session):
     session.send = capped_send
 
 
+def _clear_shell_singletons():
+    """Forgets what a failed ``om_shell.prepare`` may have left in the server (the kernel app,
+    kernel and shell singletons, ipykernel's comm manager): a forked kernel app builds its own."""
+    try:
+        from ipykernel import ipkernel, kernelapp
+        from IPython.core.interactiveshell import InteractiveShell
+
+        for cls in (kernelapp.IPKernelApp, ipkernel.IPythonKernel, InteractiveShell):
+            if cls.initialized():
+                cls.clear_instance()
+        if getattr(ipkernel, "_comm_manager", None) is not None:
+            ipkernel._comm_manager = None
+    except Exception:
+        pass
+
+
 def _kernel_body(launcher_file):
     def body(req):
         os.environ["JPY_PARENT_PID"] = str(_owner or os.getppid())
@@ -437,6 +453,8 @@ def _kernel_body(launcher_file):
         args.append("--IPKernelApp.parent_handle=1")
         sys.argv = [launcher_file] + args
         from ipykernel import kernelapp
+
+        _clear_shell_singletons()
 
         app = kernelapp.IPKernelApp.instance()
         app.initialize(args)
@@ -516,13 +534,15 @@ def _load_sibling(name):
     return mod
 
 
-def _shell_body(prepared):
+def _shell_body(prepared, launcher_file):
     """A notebook kernel without a kernel app: the shell ``om_shell.prepare`` built before the
     fork runs the cells om-worker sends over the request's socket (see om_shell.py)."""
     import om_shell
 
     def body(req):
         os.environ["JPY_PARENT_PID"] = str(_owner or os.getppid())
+        # what a kernel's cells see as sys.argv[0] (there is no connection file to pass)
+        sys.argv = [launcher_file]
         om_shell.serve(prepared, req)
         return 0
 
@@ -668,10 +688,12 @@ def main():
     # built once here; the `shell` op forks a child that only connects and runs cells.
     shell_body, shell_error = None, None
     try:
+        if "--no-shell" in sys.argv[1:]:
+            raise RuntimeError("not requested (--no-shell)")
         om_shell = _load_sibling("om_shell")
         prepared = om_shell.prepare()
         _cap_output_messages(prepared.session)
-        shell_body = _shell_body(prepared)
+        shell_body = _shell_body(prepared, launcher_file)
     except BaseException as e:  # kernels are then forked as full ipykernel apps (`fork`)
         shell_error = "%s: %s" % (type(e).__name__, e)
         try:

@@ -178,3 +178,12 @@ async fn display_matches_nbclient() {
     compare("display.ipynb", None).await;
 }
 }
+
+on_both_paths! {
+/// What a kernel app sets up: matplotlib's inline backend (PNG figures, the post-execute hook),
+/// `display_id` updates, `clear_output`, `!shell`, cell magics, `%env`, `%who`, `get_ipython()`,
+/// `input()` → StdinNotImplementedError, IPython's ANSI tracebacks, top-level `await`, `x?`.
+async fn kernel_machinery_matches_nbclient() {
+    compare("kernel.ipynb", None).await;
+}
+}

@@ -13,14 +13,21 @@ use common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use om_worker::kernel::{
-    ForkServerConfig, ForkServerLauncher, KernelEnv, KernelLauncher, KernelTracker, LaunchOptions,
+    ForkServerConfig, ForkServerLauncher, KernelEnv, KernelLauncher, KernelMode, KernelTracker,
+    LaunchOptions,
 };
 use om_worker::notebook::{Executor, ExecutorConfig, RunError, RunOptions};
 
 const GONE: Duration = Duration::from_secs(15);
 
+/// A fork server for the test's kernel path ([`on_both_paths!`]; a plain `#[tokio::test]` gets
+/// forked ipykernel apps).
 fn fs_config() -> ForkServerConfig {
     let mut c = ForkServerConfig::new(venv_python());
+    c.kernel_mode = match kernel_path() {
+        KernelPath::Shell => KernelMode::Shell,
+        KernelPath::Ipykernel => KernelMode::Ipykernel,
+    };
     c.default_preload = false;
     c.preload = vec!["json".into()];
     c.cwd = Some(std::env::temp_dir());
@@ -52,7 +59,7 @@ fn all_outputs(nb: &om_worker::notebook::Notebook) -> Vec<Vec<serde_json::Value>
     nb.cells.iter().map(|c| c.outputs.clone()).collect()
 }
 
-#[tokio::test]
+on_both_paths! {
 async fn forked_kernel_gives_the_same_results_as_a_local_one() {
     let cells = [
         "import sys, os\nprint(sys.path[:4])\nprint(sys.argv[0].rsplit('/', 1)[-1], sys.executable)",
@@ -98,8 +105,9 @@ async fn forked_kernel_gives_the_same_results_as_a_local_one() {
     );
     launcher.shutdown().await;
 }
+}
 
-#[tokio::test]
+on_both_paths! {
 async fn forked_kernel_is_a_child_of_the_server_in_its_own_session() {
     let launcher = ForkServerLauncher::new(fs_config(), KernelTracker::new());
     let kernel = tokio::time::timeout(Duration::from_secs(120), launcher.launch(&launch_opts()))
@@ -117,8 +125,9 @@ async fn forked_kernel_is_a_child_of_the_server_in_its_own_session() {
     assert!(!launcher.kernels().live_groups().contains(&pid));
     launcher.shutdown().await;
 }
+}
 
-#[tokio::test]
+on_both_paths! {
 async fn forked_kernel_death_is_reported_quickly() {
     let launcher = Arc::new(ForkServerLauncher::new(fs_config(), KernelTracker::new()));
     let exec = fork_executor(Arc::clone(&launcher));
@@ -143,8 +152,9 @@ async fn forked_kernel_death_is_reported_quickly() {
     assert!(wait_group_gone(pid.expect("pid"), GONE).await.is_empty());
     launcher.shutdown().await;
 }
+}
 
-#[tokio::test]
+on_both_paths! {
 async fn no_orphans_after_success_error_and_timeout() {
     let launcher = Arc::new(ForkServerLauncher::new(fs_config(), KernelTracker::new()));
     let exec = fork_executor(Arc::clone(&launcher));
@@ -179,12 +189,13 @@ async fn no_orphans_after_success_error_and_timeout() {
     assert_eq!(launcher.stats().forked, 3);
     launcher.shutdown().await;
 }
+}
 
+on_both_paths! {
 /// Processes a task moved out of its process group and session (`start_new_session`, a double
 /// fork whose middle process exits) end with the task too: while the kernel lives they are
 /// below it (it is their subreaper) and the tree is killed; when the kernel itself died first
 /// (`os._exit`), the fork server adopts and kills them.
-#[tokio::test]
 async fn escaped_processes_end_with_the_task() {
     let launcher = Arc::new(ForkServerLauncher::new(fs_config(), KernelTracker::new()));
     let exec = fork_executor(Arc::clone(&launcher));
@@ -224,8 +235,9 @@ async fn escaped_processes_end_with_the_task() {
     }
     launcher.shutdown().await;
 }
+}
 
-#[tokio::test]
+on_both_paths! {
 async fn server_sigkill_spares_its_kernels_then_restart_then_fallback() {
     let mut cfg = fs_config();
     cfg.max_restarts = 1;
@@ -281,6 +293,7 @@ async fn server_sigkill_spares_its_kernels_then_restart_then_fallback() {
     let pid3 = k3.pid();
     k3.shutdown(Duration::from_secs(2)).await;
     assert!(wait_group_gone(pid3, GONE).await.is_empty());
+}
 }
 
 #[tokio::test]
@@ -358,11 +371,11 @@ async fn requests_the_server_cannot_serve_faithfully_go_local() {
     assert_eq!((stats.forked, stats.local, stats.server_starts), (0, 2, 0));
 }
 
+on_both_paths! {
 /// The server script on its own, started by an owner process (om-worker's part): EOF on
 /// stdin (om-worker dropped the server) ends the server and its kernels; a SIGKILLed server's
 /// kernel runs on (a task that kills the server harms no other slot); when the owner and the
 /// server are both SIGKILLed, the kernel ends by itself (it watches the owner).
-#[tokio::test]
 async fn server_exit_and_owner_exit() {
     use std::io::{BufRead, BufReader, Write};
     for how in ["eof", "server-sigkill", "owner-gone"] {
@@ -437,6 +450,7 @@ async fn server_exit_and_owner_exit() {
         let _ = owner.wait();
     }
 }
+}
 
 /// omega|ml task children (`fork_task_warm`): after the first task, each task runs in a spare
 /// child forked and warmed up ahead of it, and a new spare is forked right after; every task
@@ -492,4 +506,43 @@ async fn task_children_after_the_first_run_in_spares() {
     assert_eq!(pids.len(), 3, "one process per task: {pids:?}");
     assert_eq!(launcher.stats().spares_used, 2);
     launcher.shutdown().await;
+}
+
+on_both_paths! {
+/// One run's state never reaches the next: each run is a fresh child of the same pristine
+/// server (variables, module attributes, `sys.modules`, `os.environ`, cwd, the IPython history
+/// and execution count, matplotlib figures, builtins).
+async fn state_of_one_run_is_absent_in_the_next() {
+    let launcher = Arc::new(ForkServerLauncher::new(fs_config(), KernelTracker::new()));
+    let exec = fork_executor(Arc::clone(&launcher));
+    let first = notebook(&[
+        "import json, os, sys, builtins\nleak = 1\njson.LEAK = 1\nsys.modules['om_leak'] = json\n\
+         os.environ['OM_LEAK'] = '1'\nbuiltins.om_leak = 1\nos.chdir('/')\n\
+         get_ipython().user_ns['ns_leak'] = 1\nprint(os.getpid())",
+        "In[-1], get_ipython().execution_count",
+    ]);
+    let check = notebook(&[
+        "import json, os, sys, builtins\nprint(sorted(k for k in ('leak', 'ns_leak') if k in globals()), \
+         hasattr(json, 'LEAK'), 'om_leak' in sys.modules, 'OM_LEAK' in os.environ, \
+         hasattr(builtins, 'om_leak'), os.getcwd() != '/', get_ipython().execution_count, \
+         len(get_ipython().history_manager.input_hist_parsed), os.getpid())",
+    ]);
+    let (a, apid) = run_with(&exec, first, RunOptions::default()).await;
+    assert!(a.is_ok(), "{:?}", a.error);
+    let (b, bpid) = run_with(&exec, check, RunOptions::default()).await;
+    assert!(b.is_ok(), "{:?}", b.error);
+    assert_ne!(apid, bpid, "a fresh process per run");
+    let text = b.notebook.cells[0].outputs[0]["text"]
+        .as_str()
+        .expect("stream output")
+        .to_string();
+    let pid = bpid.expect("kernel pid");
+    assert_eq!(
+        text,
+        // the count is 2 while the first cell runs (as in any kernel)
+        format!("[] False False False False True 2 2 {pid}\n"),
+        "state leaked from the first run"
+    );
+    assert_eq!(launcher.stats().local, 0, "both runs were forked");
+}
 }

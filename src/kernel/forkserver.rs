@@ -974,6 +974,10 @@ impl ForkServerLauncher {
         if !self.config.default_preload {
             cmd.arg("--no-default-preload");
         }
+        if self.config.kernel_mode != KernelMode::Shell {
+            // its singletons would be in the way of the kernel apps it forks
+            cmd.arg("--no-shell");
+        }
         if !self.config.preload.is_empty() {
             cmd.arg("--preload").arg(self.config.preload.join(","));
         }
