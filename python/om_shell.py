@@ -28,9 +28,9 @@ om-worker (``src/kernel/client.rs``) decodes them with the same code as ZeroMQ f
 What the child does that ipykernel's app would do differently:
 - ``sys.stdout``/``sys.stderr`` are :class:`OutStream` objects of this module (buffered, flushed
   every 0.2 s, on ``flush()``, before displays and at the end of each cell, like ipykernel's); writes
-  to file descriptors 1 and 2 (C extensions, ``os.system``, subprocesses) are captured as well
-  (ipykernel's ``capture_fd_output``) and, unlike ipykernel, drained before the cell's reply so they
-  are never attributed to the next cell;
+  to file descriptors 1 and 2 (C extensions, ``os.system``, subprocesses) are captured as well and
+  echoed to the original descriptors (ipykernel's ``capture_fd_output``) and, unlike ipykernel,
+  drained before the cell's reply so they are never attributed to the next cell;
 - one request at a time (om-worker sends one cell and waits for its reply), so there is no queue to
   abort after an error;
 - interrupts are signals (SIGINT raises ``KeyboardInterrupt`` only while a request runs);
@@ -239,7 +239,7 @@ class ShellIO:
         self.iopub = iopub
         self._cond = threading.Condition()
         self._pending = set()
-        self._pipes = {}  # read fd -> (stream, incremental decoder)
+        self._pipes = {}  # read fd -> (stream, incremental decoder, copy of the original fd)
         self._pipe_lock = threading.Lock()
 
     def install(self):
@@ -248,12 +248,14 @@ class ShellIO:
         self.stdout = OutStream(self, "stdout", 1)
         self.stderr = OutStream(self, "stderr", 2)
         for fd, stream in ((1, self.stdout), (2, self.stderr)):
+            original = os.dup(fd)
+            os.set_inheritable(original, False)
             r, w = os.pipe()
             os.dup2(w, fd)
             os.close(w)
             os.set_blocking(r, False)
             os.set_inheritable(r, False)
-            self._pipes[r] = (stream, codecs.getincrementaldecoder("utf-8")("replace"))
+            self._pipes[r] = (stream, codecs.getincrementaldecoder("utf-8")("replace"), original)
         sys.stdout, sys.stderr = self.stdout, self.stderr
         for target, name in ((self._flusher, "om-shell-flush"), (self._capture, "om-shell-fd")):
             t = threading.Thread(target=target, name=name, daemon=True)
@@ -284,7 +286,7 @@ class ShellIO:
     def _read_pipes(self, fds):
         with self._pipe_lock:
             for fd in fds:
-                stream, decoder = self._pipes[fd]
+                stream, decoder, original = self._pipes[fd]
                 while True:
                     try:
                         data = os.read(fd, 65536)
@@ -297,6 +299,13 @@ class ShellIO:
                     text = decoder.decode(data)
                     if text:
                         stream.write(text)
+                    # also where the process's fd pointed before (om-worker's log, escaped
+                    # there), as ipykernel echoes what it captures to the original descriptor
+                    try:
+                        while data:
+                            data = data[os.write(original, data):]
+                    except OSError:
+                        pass
 
     def _capture(self):
         fds = list(self._pipes)

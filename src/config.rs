@@ -647,6 +647,43 @@ mod tests {
     }
 
     #[test]
+    fn kernel_mode_defaults_to_shell_without_a_pool() {
+        let resolve = |flags: &WorkerFlags, e: &[(&str, &str)]| {
+            Config::resolve(flags, &env(e), &FileConfig::default(), "h").expect("resolves")
+        };
+        let c = resolve(&WorkerFlags::default(), &[]);
+        assert_eq!((c.kernel_mode, c.kernel_pool), (KernelMode::Shell, 0));
+        // full kernel apps (or no fork server) start slowly: one ready kernel per slot
+        let c = resolve(
+            &WorkerFlags::default(),
+            &[("OM_WORKER_KERNEL_MODE", "ipykernel")],
+        );
+        assert_eq!((c.kernel_mode, c.kernel_pool), (KernelMode::Ipykernel, 4));
+        let flags = WorkerFlags {
+            no_fork_server: true,
+            ..Default::default()
+        };
+        assert_eq!(resolve(&flags, &[]).kernel_pool, 4);
+        let flags = WorkerFlags {
+            kernel_mode: Some("SHELL".into()),
+            kernel_pool: Some(2),
+            ..Default::default()
+        };
+        let c = resolve(&flags, &[("OM_WORKER_KERNEL_MODE", "ipykernel")]);
+        assert_eq!((c.kernel_mode, c.kernel_pool), (KernelMode::Shell, 2));
+        let err = Config::resolve(
+            &WorkerFlags::default(),
+            &env(&[("OM_WORKER_KERNEL_MODE", "zmq")]),
+            &FileConfig::default(),
+            "h",
+        );
+        assert!(
+            err.is_err(),
+            "an unknown mode is an error, not a silent default"
+        );
+    }
+
+    #[test]
     fn flags_beat_env_beat_file() {
         let file = FileConfig {
             broker: Some("amqp://file//".into()),

@@ -107,9 +107,11 @@ pub enum ClientEvent {
 }
 
 /// Largest frame part accepted on a shell socket. The shell caps each output message at
-/// [`MAX_CONTENT_BYTES`] before sending it; a part over this bound means the peer is not
-/// following the protocol, and the connection is closed (the run fails as a transport error).
-pub const MAX_SOCKET_PART: usize = 4 * MAX_CONTENT_BYTES;
+/// [`MAX_CONTENT_BYTES`] before sending it, but a cell can bypass that (it owns the process): a
+/// larger part is still read whole and cut like a ZeroMQ frame ([`Message::from_frames_capped`]),
+/// up to this bound; past it the connection is closed and the run fails as a transport error
+/// (ZeroMQ frames have no such bound).
+pub const MAX_SOCKET_PART: usize = 16 * MAX_CONTENT_BYTES;
 
 /// Most parts in one socket frame (channel, delimiter, signature, 4 JSON parts, buffers).
 const MAX_SOCKET_PARTS: usize = 64;
@@ -436,6 +438,13 @@ async fn socket_read_loop(read: OwnedReadHalf, tx: mpsc::Sender<ClientEvent>) {
                 return;
             }
         };
+        let size: usize = parts.iter().map(Vec::len).sum();
+        if size > MAX_CONTENT_BYTES {
+            tracing::info!(
+                bytes = size,
+                "kernel message over {MAX_CONTENT_BYTES} bytes: its large values are cut"
+            );
+        }
         let channel = match parts.first().map(Vec::as_slice) {
             Some(b"iopub") => Channel::IoPub,
             Some(b"shell") => Channel::Shell,
