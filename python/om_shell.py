@@ -351,6 +351,7 @@ class Prepared:
         self.shell_channel = Channel(wire, b"shell")
         self.control_channel = Channel(wire, b"control")
         self.exec_params = _accepted(kernel.do_execute, ("cell_meta", "cell_id"))
+        self.init_code_in_child = True
 
 
 def _accepted(func, names):
@@ -426,7 +427,83 @@ def prepare(argv=()):
         app.init_extensions()
     except Exception as e:
         log.warning("om_shell: extensions not loaded: %s", e)
-    return Prepared(app, kernel, wire)
+    prepared = Prepared(app, kernel, wire)
+    _warm_up(prepared)
+    # Startup code (exec_lines, startup files, PYTHONSTARTUP) runs in each child, as in each fresh
+    # kernel; when none is configured, what init_code does besides (hiding the initial names from
+    # %who, the sys.modules snapshot %reset uses) is the same for every child: done here once.
+    prepared.init_code_in_child = _startup_code_configured(app)
+    if not prepared.init_code_in_child:
+        app.init_code()
+    return prepared
+
+
+def _startup_code_configured(app):
+    """True when ``app.init_code()`` would run any code (IPython's own rules)."""
+    if app.exec_lines or app.exec_files or getattr(app, "code_to_run", "") or \
+            getattr(app, "module_to_run", "") or getattr(app, "file_to_run", ""):
+        return True
+    if getattr(app, "exec_PYTHONSTARTUP", False) and os.environ.get("PYTHONSTARTUP"):
+        return True
+    try:
+        import glob
+        from itertools import chain
+
+        from IPython.core import shellapp
+
+        dirs = [app.profile_dir.startup_dir] + [
+            os.path.join(d, "startup")
+            for d in chain(shellapp.ENV_CONFIG_DIRS, shellapp.SYSTEM_CONFIG_DIRS)]
+        return any(glob.glob(os.path.join(d, "*.py")) or glob.glob(os.path.join(d, "*.ipy"))
+                   for d in dirs)
+    except Exception:  # cannot tell: run it in the child, as a kernel would
+        return True
+
+
+#: what the server runs through the shell once, so that the first cell of every child does not
+#: pay for first-use initialisation (lazy imports, compiled patterns, formatter setup): no
+#: user code, nothing stored in the history, the namespace restored afterwards
+WARM_UP = ("pass", "1")
+
+
+def _warm_up(p):
+    shell = p.shell
+    hm = shell.history_manager
+    dh = shell.displayhook
+    saved_ns = dict(shell.user_ns)
+    saved = {
+        "dh": (getattr(dh, "_", ""), getattr(dh, "__", ""), getattr(dh, "___", "")),
+        "out": dict(hm.output_hist),
+        "reprs": dict(getattr(hm, "output_hist_reprs", {})),
+        "result": getattr(shell, "last_execution_result", None),
+        "succeeded": getattr(shell, "last_execution_succeeded", True),
+        "count": shell.execution_count,
+    }
+    loop = asyncio.new_event_loop()
+    try:
+        for code in WARM_UP:
+            reply = p.kernel.do_execute(code, False, store_history=False)
+            if inspect.isawaitable(reply):
+                reply = loop.run_until_complete(reply)
+            if reply.get("status") != "ok":
+                raise RuntimeError("warm-up cell %r failed: %s" % (code, reply.get("evalue")))
+    finally:
+        loop.close()
+        asyncio.set_event_loop(None)
+    # everything as a kernel that never ran a cell has it
+    shell.user_ns.clear()
+    shell.user_ns.update(saved_ns)
+    dh._, dh.__, dh.___ = saved["dh"]
+    hm.output_hist.clear()
+    hm.output_hist.update(saved["out"])
+    if hasattr(hm, "output_hist_reprs"):
+        hm.output_hist_reprs.clear()
+        hm.output_hist_reprs.update(saved["reprs"])
+    shell.last_execution_result = saved["result"]
+    shell.last_execution_succeeded = saved["succeeded"]
+    if shell.execution_count != saved["count"]:
+        raise RuntimeError("warm-up changed the execution count")
+    shell.payload_manager.clear_payload()
 
 
 def _send(p, channel, msg_type, content, parent, ident=None, metadata=None):
@@ -525,10 +602,11 @@ def serve(p, req):
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     # exec_lines / exec_files / startup files of the profile, as each fresh kernel runs them
-    try:
-        p.app.init_code()
-    except Exception:
-        pass
+    if p.init_code_in_child:
+        try:
+            p.app.init_code()
+        except Exception:
+            pass
     io.drain()
     session = p.session
     while True:

@@ -525,7 +525,8 @@ async fn state_of_one_run_is_absent_in_the_next() {
         "import json, os, sys, builtins\nprint(sorted(k for k in ('leak', 'ns_leak') if k in globals()), \
          hasattr(json, 'LEAK'), 'om_leak' in sys.modules, 'OM_LEAK' in os.environ, \
          hasattr(builtins, 'om_leak'), os.getcwd() != '/', get_ipython().execution_count, \
-         len(get_ipython().history_manager.input_hist_parsed), os.getpid())",
+         len(get_ipython().history_manager.input_hist_parsed), os.getpid())\n\
+         print(repr(_), Out, len(In))",
     ]);
     let (a, apid) = run_with(&exec, first, RunOptions::default()).await;
     assert!(a.is_ok(), "{:?}", a.error);
@@ -540,7 +541,7 @@ async fn state_of_one_run_is_absent_in_the_next() {
     assert_eq!(
         text,
         // the count is 2 while the first cell runs (as in any kernel)
-        format!("[] False False False False True 2 2 {pid}\n"),
+        format!("[] False False False False True 2 2 {pid}\n'' {{}} 2\n"),
         "state leaked from the first run"
     );
     assert_eq!(launcher.stats().local, 0, "both runs were forked");
