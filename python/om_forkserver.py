@@ -656,11 +656,19 @@ def main():
         _write(out_fd, {"event": "fatal", "error": "cannot import ipykernel: %r" % (e,)})
         sys.exit(2)
 
+    # debugpy warns about frozen modules once per process on import; the server's stderr is
+    # om-worker's log (children get their own environment from each request, so this is not seen
+    # by any task)
+    quiet = "PYDEVD_DISABLE_FILE_VALIDATION" not in os.environ
+    if quiet:
+        os.environ["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"
     for mod in KERNEL_MODULES:
         try:
             importlib.import_module(mod)
         except BaseException:  # the child imports it itself, as a plain kernel would
             pass
+    if quiet:
+        os.environ.pop("PYDEVD_DISABLE_FILE_VALIDATION", None)
 
     kernel_body = _kernel_body(launcher_file)
     task_body = _task_body(runner)

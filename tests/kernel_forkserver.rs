@@ -547,3 +547,36 @@ async fn state_of_one_run_is_absent_in_the_next() {
     assert_eq!(launcher.stats().local, 0, "both runs were forked");
 }
 }
+
+/// The shell path captures what is written to file descriptors 1 and 2 (a subprocess, a C
+/// library) and drains it before the cell's reply: it lands in the cell that wrote it, every
+/// time (a kernel app's fd watcher may deliver it after the reply, into the next cell or nowhere).
+#[tokio::test]
+async fn shell_fd_output_lands_in_its_own_cell() {
+    let mut cfg = fs_config();
+    cfg.kernel_mode = KernelMode::Shell;
+    let launcher = Arc::new(ForkServerLauncher::new(cfg, KernelTracker::new()));
+    let exec = fork_executor(Arc::clone(&launcher));
+    let nb = notebook(&[
+        "import os, subprocess\nos.system('echo fd-one')\nos.write(2, b'fd-two\\n')\n\
+         subprocess.run(['sh', '-c', 'echo sub-out; echo sub-err >&2'])\nNone",
+        "print('next')",
+    ]);
+    for _ in 0..3 {
+        let (o, _) = run_with(&exec, nb.clone(), RunOptions::default()).await;
+        assert!(o.is_ok(), "{:?}", o.error);
+        let text = |cell: usize, name: &str| -> String {
+            o.notebook.cells[cell]
+                .outputs
+                .iter()
+                .filter(|x| x["name"] == name)
+                .filter_map(|x| x["text"].as_str())
+                .collect()
+        };
+        assert_eq!(text(0, "stdout"), "fd-one\nsub-out\n");
+        assert_eq!(text(0, "stderr"), "fd-two\nsub-err\n");
+        assert_eq!(text(1, "stdout"), "next\n");
+        assert_eq!(text(1, "stderr"), "");
+    }
+    assert_eq!(launcher.stats().local, 0);
+}

@@ -12,7 +12,7 @@ use common::*;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use om_worker::kernel::{
-    ForkServerConfig, ForkServerLauncher, KernelLauncher, KernelTracker, LaunchOptions,
+    ForkServerConfig, ForkServerLauncher, KernelLauncher, KernelMode, KernelTracker, LaunchOptions,
     LocalLauncher, PooledLauncher,
 };
 use om_worker::notebook::{Executor, ExecutorConfig, RunOptions};
@@ -261,12 +261,22 @@ async fn bench_kernel_ready_latency() {
 
     // Ready latency.
     let local = LocalLauncher::new(venv_python(), KernelTracker::new());
-    let mut fs_cfg = ForkServerConfig::new(venv_python());
-    fs_cfg.cwd = Some(std::env::temp_dir());
-    let fork = Arc::new(ForkServerLauncher::new(fs_cfg, KernelTracker::new()));
-    let t = Instant::now();
-    fork.start().await.expect("fork server");
-    println!("fork server start (omegaml preload): {:?}", t.elapsed());
+    let fork_server = |mode: KernelMode| {
+        let mut fs_cfg = ForkServerConfig::new(venv_python());
+        fs_cfg.cwd = Some(std::env::temp_dir());
+        fs_cfg.kernel_mode = mode;
+        Arc::new(ForkServerLauncher::new(fs_cfg, KernelTracker::new()))
+    };
+    let fork = fork_server(KernelMode::Ipykernel);
+    let shell = fork_server(KernelMode::Shell);
+    for (mode, server) in [("ipykernel", &fork), ("shell", &shell)] {
+        let t = Instant::now();
+        server.start().await.expect("fork server");
+        println!(
+            "fork server start (omegaml preload, {mode}): {:?}",
+            t.elapsed()
+        );
+    }
     let pool = Arc::new(PooledLauncher::new(
         Arc::clone(&fork) as Arc<dyn KernelLauncher>,
         opts.clone(),
@@ -276,8 +286,9 @@ async fn bench_kernel_ready_latency() {
     let mut results = Vec::new();
     for (name, launcher) in [
         ("plain launch", &local as &dyn KernelLauncher),
-        ("fork server", fork.as_ref() as &dyn KernelLauncher),
-        ("pool (fork server)", pool.as_ref() as &dyn KernelLauncher),
+        ("fork server: app", fork.as_ref() as &dyn KernelLauncher),
+        ("fork server: shell", shell.as_ref() as &dyn KernelLauncher),
+        ("pool (app)", pool.as_ref() as &dyn KernelLauncher),
     ] {
         let mut ready = Vec::new();
         for _ in 0..N {
@@ -290,7 +301,8 @@ async fn bench_kernel_ready_latency() {
         let mut c = ExecutorConfig::new(match name {
             "plain launch" => Arc::new(LocalLauncher::new(venv_python(), KernelTracker::new()))
                 as Arc<dyn KernelLauncher>,
-            "fork server" => Arc::clone(&fork) as Arc<dyn KernelLauncher>,
+            "fork server: app" => Arc::clone(&fork) as Arc<dyn KernelLauncher>,
+            "fork server: shell" => Arc::clone(&shell) as Arc<dyn KernelLauncher>,
             _ => Arc::clone(&pool) as Arc<dyn KernelLauncher>,
         });
         c.cwd = Some(std::env::temp_dir());
