@@ -8,10 +8,11 @@
   the queue the target Deployment consumes, TriggerAuthentication -> Secret keys.
 - Consistency rules in code (`deployment_problems` & co.): flags exist in src/cli.rs; probes are
   httpGet /healthz on the port `--metrics-addr` serves, bound to all interfaces; no `celery` in a
-  probe; terminationGracePeriodSeconds > --shutdown-grace > the task hard time limit; envFrom
-  names the ConfigMap and Secret that exist; the Dockerfile's non-root uid; GPU requests and
-  --gpus with CUDA_VISIBLE_DEVICES matching the GPU count. Each rule is also run against a broken
-  copy of a manifest (MUTATIONS), which must be reported, so no rule passes vacuously.
+  probe; terminationGracePeriodSeconds >= --shutdown-grace + 40 s >= the task hard time limit
+  + 40 s; envFrom names the ConfigMap and Secret that exist; the Dockerfile's non-root uid; GPU
+  requests and --gpus with CUDA_VISIBLE_DEVICES matching the GPU count. Each rule is also run
+  against a broken copy of a manifest (MUTATIONS, KEDA_MUTATIONS), which must be reported, so no
+  rule passes vacuously.
 
 Needs only PyYAML and kubernetes-validate (scripts/requirements.txt): this module overrides the
 session's `environment_ok` fixture (as test_taskrunner.py does), so RabbitMQ, Redis and the
@@ -33,6 +34,10 @@ BUILTIN_KINDS = {
     ("v1", "ConfigMap"), ("v1", "Secret"), ("v1", "Service"),
     ("apps/v1", "Deployment"), ("policy/v1", "PodDisruptionBudget"),
 }
+# After --shutdown-grace the worker gives cancelled tasks up to 30 s to record their outcome
+# (src/worker/mod.rs) and its services up to 10 s to stop (src/app/mod.rs) before it exits:
+# terminationGracePeriodSeconds must leave at least that after the grace.
+POST_GRACE_S = 40
 KEDA_API = "keda.sh/v1alpha1"
 KEDA_FILES = {"keda-rabbitmq.yaml": "rabbitmq", "keda-redis.yaml": "redis"}
 # spec fields of keda.sh/v1alpha1 (KEDA 2.x CRDs), to catch typos the API server would reject.
@@ -254,8 +259,9 @@ def deployment_problems(dep, ctx):
     if grace is None or not str(grace).isdigit():
         p.append(f"--shutdown-grace missing or not seconds: {grace!r}")
     else:
-        if not tgps > int(grace):
-            p.append(f"terminationGracePeriodSeconds {tgps} <= --shutdown-grace {grace}")
+        if not tgps >= int(grace) + POST_GRACE_S:
+            p.append(f"terminationGracePeriodSeconds {tgps} < --shutdown-grace {grace} + {POST_GRACE_S} s "
+                     f"for cancelled tasks and the exit")
         hard = int(flag(opts, "--task-timeout") or ctx["task_timeout"]) + 30
         if not int(grace) >= hard:
             p.append(f"--shutdown-grace {grace} < the task hard time limit {hard}")
@@ -447,6 +453,8 @@ MUTATIONS = [
      lambda d: _set_flag(d, "--metrics-addr", "0.0.0.0:9100")),
     ("grace period below shutdown grace", "om-worker-default",
      lambda d: d["spec"]["template"]["spec"].update(terminationGracePeriodSeconds=1800)),
+    ("grace period without room for the exit", "om-worker-gpu",
+     lambda d: d["spec"]["template"]["spec"].update(terminationGracePeriodSeconds=1830)),
     ("grace period left at the default 30 s", "om-worker-gpu",
      lambda d: d["spec"]["template"]["spec"].pop("terminationGracePeriodSeconds")),
     ("shutdown grace shorter than a task", "om-worker-default",
