@@ -43,7 +43,10 @@ PY1_ARGS = ["--max-tasks-per-child", "1"]
 MODEL_SCENARIOS = ("predict", "fit")
 GOALS = {
     "drain_throughput_ratio": 20.0,   # om-worker / python, >=
-    "latency_ratio": 20.0,            # python / om-worker (median), >=
+    "latency_ratio": 40.0,            # python / om-worker (median), >=
+    "rs_cpu_per_task_s": 0.10,        # om-worker's tree, drain, CPU-s per seed task, <=
+    "idle_tree_rss_ratio": 1 / 3,     # om-worker / python, summed RSS of the idle tree, <=
+    "idle_tree_pss_ratio": 0.6,       # om-worker / python, PSS of the idle tree, <=
     "map50_makespan_over_map": 1.25,  # om-worker, <=
     "rs_worker_rss_mb": 25.0,         # om-worker's own process, <=
     "predict_latency_s": 0.060,       # om-worker, idle predict call -> value (median), <=
@@ -136,10 +139,11 @@ class Ctx:
 
 
 def wait_pool(sampler, workers, impl, conc, timeout=30):
-    """om-worker: wait until the fork server and `conc` pooled kernels exist under each worker, then a
-    short settle so they are ready; python: the prefork pool exists at 'ready.'; settle briefly."""
+    """om-worker: wait until its fork server exists under each worker (started in the background at
+    start-up; no pool of pre-started kernels by default), then a short settle so it is ready (its
+    imports); python: the prefork pool exists at 'ready.'; settle briefly."""
     deadline = time.monotonic() + timeout
-    want = 1 + (1 + conc if impl == "rs" else conc)
+    want = 1 + (1 if impl == "rs" else conc)
     while time.monotonic() < deadline:
         tree = common.descendants([w.pid for w in workers])
         if all(len(common.descendants([w.pid], tree)) >= want for w in workers):
@@ -147,6 +151,9 @@ def wait_pool(sampler, workers, impl, conc, timeout=30):
         time.sleep(0.2)
     else:
         log(f"warning: worker trees did not reach {want} processes within {timeout}s")
+    if impl == "rs":
+        while time.monotonic() < deadline and not all("fork server ready" in w.log() for w in workers):
+            time.sleep(0.2)
     time.sleep(2.0)
     tree = sampler.sample(with_pss=True)
     return {"idle_worker_rss_mb": [round(tree[w.pid][4] / 1024, 1) for w in workers if w.pid in tree],
@@ -386,6 +393,23 @@ def verdict(value, goal, le=False):
     return "PASS" if ok else "MISS"
 
 
+def cpu_tree(r):
+    """CPU-s per task of the worker's whole process tree in a scenario (kernels included)."""
+    return ((r or {}).get("summary", {}).get("cpu_per_task_s") or {}).get("worker_tree_s")
+
+
+def idle(results, b, impl, key):
+    """Median over the scenarios of one worker of an idle-tree figure (sampled when it was ready)."""
+    xs = sorted(r[key] for r in results
+                if r["broker"] == b and r["impl"] == impl and r.get(key) is not None
+                and r["scenario"] in ("latency", "drain", "map10", "map50"))
+    return xs[len(xs) // 2] if xs else None
+
+
+def ratio_of(a, b):
+    return rnd(a / b, 2) if a is not None and b else None
+
+
 def ratios(results, brokers):
     out = []
     for b in brokers:
@@ -402,7 +426,26 @@ def ratios(results, brokers):
              "verdict": verdict(tp_r, GOALS["drain_throughput_ratio"])},
             {"broker": b, "metric": "single-task latency (median), python / om-worker",
              "python": g(py_l, "latency_median_s"), "om_worker": g(rs_l, "latency_median_s"),
-             "value": rnd(lat_r, 2), "goal": "≥ 20×", "verdict": verdict(lat_r, GOALS["latency_ratio"])},
+             "value": rnd(lat_r, 2), "goal": "≥ 40×", "verdict": verdict(lat_r, GOALS["latency_ratio"])},
+            {"broker": b, "metric": "CPU-s per seed task, worker tree (drain)",
+             "python": cpu_tree(py_d), "om_worker": cpu_tree(rs_d), "value": cpu_tree(rs_d),
+             "goal": "≤ 0.10", "verdict": verdict(cpu_tree(rs_d), GOALS["rs_cpu_per_task_s"], le=True)},
+            {"broker": b, "metric": "idle tree RSS (MB), om-worker / python",
+             "python": idle(results, b, "py", "idle_tree_rss_mb"),
+             "om_worker": idle(results, b, "rs", "idle_tree_rss_mb"),
+             "value": ratio_of(idle(results, b, "rs", "idle_tree_rss_mb"), idle(results, b, "py", "idle_tree_rss_mb")),
+             "goal": "≤ 0.33×",
+             "verdict": verdict(ratio_of(idle(results, b, "rs", "idle_tree_rss_mb"),
+                                         idle(results, b, "py", "idle_tree_rss_mb")),
+                                GOALS["idle_tree_rss_ratio"], le=True)},
+            {"broker": b, "metric": "idle tree PSS (MB), om-worker / python",
+             "python": idle(results, b, "py", "idle_tree_pss_mb"),
+             "om_worker": idle(results, b, "rs", "idle_tree_pss_mb"),
+             "value": ratio_of(idle(results, b, "rs", "idle_tree_pss_mb"), idle(results, b, "py", "idle_tree_pss_mb")),
+             "goal": "≤ 0.6×",
+             "verdict": verdict(ratio_of(idle(results, b, "rs", "idle_tree_pss_mb"),
+                                         idle(results, b, "py", "idle_tree_pss_mb")),
+                                GOALS["idle_tree_pss_ratio"], le=True)},
             {"broker": b, "metric": "map(range(50)): makespan / time in map(), om-worker",
              "python": g(find(results, b, "py", "map50"), "makespan_over_map"),
              "om_worker": g(rs_m, "makespan_over_map"), "value": g(rs_m, "makespan_over_map"),
@@ -668,7 +711,22 @@ def main():
     ap.add_argument("--retries", type=int, default=2,
                     help="re-run a scenario that failed or saw a broker outage (shared services) up to this often")
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--render", metavar="RESULTS_JSON",
+                    help="only re-render --markdown from the results.json of an earlier run (e.g. after "
+                         "the goals changed); measures nothing")
     a = ap.parse_args()
+    if a.render:
+        report = json.loads(Path(a.render).read_text())
+        if not a.markdown:
+            raise SystemExit("--render needs --markdown")
+        report["ratios"] = ratios(report["results"], report["args"]["brokers"])
+        scenarios = report["args"]["scenarios"]
+        tag = "bench/run.py:models" if set(scenarios) <= set(MODEL_SCENARIOS) else "bench/run.py"
+        write_markdown(a.markdown, markdown(report) + f"\n\nRaw numbers: `{os.path.relpath(a.render, common.ROOT)}` "
+                       "(JSON, not committed; goals re-applied with `--render`).\n",
+                       begin=f"<!-- {tag}:begin -->", end=f"<!-- {tag}:end -->")
+        log(f"wrote {a.markdown} from {a.render}")
+        return
     if a.quick:
         a.drain_n, a.map_n, a.latency_runs_py, a.latency_runs_rs = 4, "3,5", 2, 3
         a.scale_n, a.scale_workers = 8, "1,2"

@@ -84,11 +84,11 @@ pub async fn run_worker(config: Config) -> anyhow::Result<()> {
     // Listed on the first name om-worker does not run itself, in a child
     // forked from the fork server (tens of milliseconds once it is up).
     let python_tasks = notebook_runtime.python_tasks(&config, &registry.names());
-    // With pre-started kernels the fork server starts now anyway: list the
-    // Python tasks in the background too, so the first one does not wait for
-    // it and `inspect registered` shows them. (Without, the fork server and
-    // the listing wait for the first task that needs them.)
-    if config.kernel_pool > 0 {
+    // The fork server starts now, in the background (the worker consumes at
+    // once; a task that arrives before the server is up waits for it): the
+    // first notebook or Python task then does not pay its imports (seconds),
+    // and listing the Python tasks here makes `inspect registered` show them.
+    if config.fork_server || config.kernel_pool > 0 {
         let warm = Arc::clone(&python_tasks);
         tokio::spawn(async move { warm.preload().await });
     }
