@@ -91,6 +91,11 @@ pub struct WorkerFlags {
     /// Start every kernel as a fresh process (no fork server).
     #[arg(long, overrides_with = "fork_server")]
     pub no_fork_server: bool,
+    /// Start the fork server on the first task that needs it instead of at start-up (saves its
+    /// memory and the seconds of its imports on a worker that may never run a notebook or Python
+    /// task; that first task then waits for them). Env: OM_WORKER_LAZY_FORK_SERVER.
+    #[arg(long)]
+    pub lazy_fork_server: bool,
     /// How the fork server makes a notebook's kernel: `shell` (default: ipykernel's shell
     /// prepared once before the fork, the child only runs the cells, over one Unix socket) or
     /// `ipykernel` (a full ipykernel app per run, forked). Kernelspecs that are not the fork

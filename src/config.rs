@@ -102,6 +102,8 @@ pub struct FileConfig {
     pub kernel_pool: Option<usize>,
     /// Fork kernels from the fork server.
     pub fork_server: Option<bool>,
+    /// Start the fork server on the first task that needs it.
+    pub lazy_fork_server: Option<bool>,
     /// How notebook kernels are made (`shell` or `ipykernel`).
     pub kernel_mode: Option<String>,
     /// Extra fork-server preload modules.
@@ -183,6 +185,8 @@ pub struct Config {
     pub kernel_pool: usize,
     /// Fork kernels from a pre-imported Python (falls back to plain processes).
     pub fork_server: bool,
+    /// Start the fork server on the first task that needs it, not at start-up.
+    pub lazy_fork_server: bool,
     /// How the fork server makes notebook kernels (see [`KernelMode`]).
     pub kernel_mode: KernelMode,
     /// Extra modules the fork server imports (besides its omegaml defaults).
@@ -430,6 +434,14 @@ impl Config {
                 .unwrap_or_else(|| "python3".to_owned()),
             kernel_pool,
             fork_server,
+            lazy_fork_server: flags.lazy_fork_server
+                || env_any(&["OM_WORKER_LAZY_FORK_SERVER"]).is_some_and(|v| {
+                    !matches!(
+                        v.to_ascii_lowercase().as_str(),
+                        "0" | "false" | "no" | "off"
+                    )
+                })
+                || file.lazy_fork_server.unwrap_or(false),
             kernel_mode,
             preload,
             soft_time_limit,
@@ -527,6 +539,7 @@ impl Config {
         line("python", quoted(&self.python));
         line("kernel_pool", self.kernel_pool.to_string());
         line("fork_server", self.fork_server.to_string());
+        line("lazy_fork_server", self.lazy_fork_server.to_string());
         line("kernel_mode", quoted(&self.kernel_mode.to_string()));
         line(
             "preload",

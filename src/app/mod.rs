@@ -88,7 +88,8 @@ pub async fn run_worker(config: Config) -> anyhow::Result<()> {
     // once; a task that arrives before the server is up waits for it): the
     // first notebook or Python task then does not pay its imports (seconds),
     // and listing the Python tasks here makes `inspect registered` show them.
-    if config.fork_server || config.kernel_pool > 0 {
+    // `--lazy-fork-server` leaves it to the first task that needs it.
+    if (config.fork_server && !config.lazy_fork_server) || config.kernel_pool > 0 {
         let warm = Arc::clone(&python_tasks);
         tokio::spawn(async move { warm.preload().await });
     }

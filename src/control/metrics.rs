@@ -1,4 +1,5 @@
-//! Prometheus metrics and `/healthz`, off unless `--metrics-addr` is given.
+//! Prometheus metrics, `/healthz` (liveness) and `/readyz` (readiness), off unless
+//! `--metrics-addr` is given.
 //! The metric names and the hooks that record them are in [`crate::telemetry`].
 //!
 //! Everything records through the `metrics` facade: without an installed
@@ -70,7 +71,7 @@ pub async fn serve(
     let bound = listener
         .local_addr()
         .map_err(|e| ControlError::Bind(addr.to_string(), e.to_string()))?;
-    info!("metrics on http://{bound}/metrics, health on http://{bound}/healthz");
+    info!("metrics on http://{bound}/metrics, health on http://{bound}/healthz and /readyz");
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -102,8 +103,12 @@ pub async fn serve(
 pub enum Route {
     /// `GET /metrics`
     Metrics,
-    /// `GET /healthz`
+    /// `GET /healthz`: 200 from the moment the worker consumes until it exits (also while a warm
+    /// shutdown drains running tasks): a liveness probe.
     Health,
+    /// `GET /readyz`: 200 only while the worker consumes and is not shutting down: a readiness
+    /// probe (a draining worker takes no new work).
+    Ready,
     /// Anything else but GET/HEAD.
     MethodNotAllowed,
     /// Any other path.
@@ -123,6 +128,7 @@ pub fn route(head: &str) -> Route {
     match path {
         "/metrics" => Route::Metrics,
         "/healthz" => Route::Health,
+        "/readyz" => Route::Ready,
         _ => Route::NotFound,
     }
 }
@@ -166,6 +172,17 @@ async fn respond(
             "text/plain",
             "not consuming\n".to_owned(),
         ),
+        Route::Ready if state.ready() => ("200 OK", "text/plain", "ready\n".to_owned()),
+        Route::Ready => (
+            "503 Service Unavailable",
+            "text/plain",
+            if state.consuming() {
+                "shutting down\n"
+            } else {
+                "not consuming\n"
+            }
+            .to_owned(),
+        ),
         Route::MethodNotAllowed => (
             "405 Method Not Allowed",
             "text/plain",
@@ -194,6 +211,7 @@ mod tests {
     fn routes() {
         assert_eq!(route("GET /metrics HTTP/1.1\r\n\r\n"), Route::Metrics);
         assert_eq!(route("GET /healthz?x=1 HTTP/1.0\r\n"), Route::Health);
+        assert_eq!(route("HEAD /readyz HTTP/1.1\r\n"), Route::Ready);
         assert_eq!(route("POST /metrics HTTP/1.1\r\n"), Route::MethodNotAllowed);
         assert_eq!(route("GET / HTTP/1.1\r\n"), Route::NotFound);
         assert_eq!(route(""), Route::MethodNotAllowed);

@@ -223,6 +223,7 @@ pub struct WorkerState {
     seq: AtomicU64,
     task_events: AtomicBool,
     consuming: AtomicBool,
+    draining: AtomicBool,
     events_tx: OnceLock<mpsc::UnboundedSender<EventOut>>,
     shutdown: OnceLock<CancellationToken>,
     inner: Mutex<Inner>,
@@ -269,6 +270,7 @@ impl WorkerState {
             seq: AtomicU64::new(0),
             task_events: AtomicBool::new(false),
             consuming: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             events_tx: OnceLock::new(),
             shutdown: OnceLock::new(),
             inner: Mutex::new(Inner {
@@ -341,6 +343,17 @@ impl WorkerState {
     /// True while deliveries are being consumed.
     pub fn consuming(&self) -> bool {
         self.consuming.load(Ordering::SeqCst)
+    }
+
+    /// Marks the start of a warm shutdown: no new tasks, running ones drain (`/readyz` 503,
+    /// `/healthz` stays 200 until the worker closes, so a liveness probe never kills the drain).
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Consuming and not shutting down: should be given work (`/readyz`).
+    pub fn ready(&self) -> bool {
+        self.consuming() && !self.draining.load(Ordering::SeqCst)
     }
 
     /// Called by the worker right before it closes the broker connection:

@@ -177,6 +177,7 @@ impl Worker {
         }
 
         info!("warm shutdown: no new tasks; waiting for running tasks");
+        s.state.set_draining();
         s.stop_starting.cancel();
         if let Err(e) = s.broker.stop_consuming().await {
             warn!("stop consuming: {e}");

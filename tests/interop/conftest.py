@@ -544,10 +544,10 @@ def worker(request, names, mongo, om_worker_bin, tmp_path):
                 env = worker_env(wtmp, broker_url, backend, mongo, env_extra)
             argv += list(extra)
             if not getattr(request.module, "WORKER_KERNELS", True) and "--kernel-pool" not in argv:
-                # A module that runs no notebook says so (WORKER_KERNELS = False): no kernels are
-                # pre-started, so the fork server (seconds of CPU importing omegaml) is never
-                # launched either. A notebook would still run, just without a warm kernel.
-                argv += ["--kernel-pool", "0"]
+                # A module that runs no notebook says so (WORKER_KERNELS = False): the fork server
+                # (seconds of CPU importing omegaml) starts only if a task needs it. A notebook or
+                # Python task would still run, waiting for it.
+                argv += ["--kernel-pool", "0", "--lazy-fork-server"]
         w = WorkerProc(argv, env, tmp_path / f"om-worker-{len(started)}.log", expected)
         started.append(w)
         names.nodes.append(expected)

@@ -127,3 +127,40 @@ def test_requeued_task_whose_run_is_recorded_is_not_run_again(broker, worker, mo
     wait_until(lambda: d.om_worker_inflight.count_documents({"_id": task_id}) == 0, 30, "ledger cleared")
     runs = d.metadata.find_one({"name": tasks[0]})["attributes"]["job_runs"]
     assert len(runs) == 1, runs
+
+
+def _http_status(port, path):
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_warm_shutdown_is_not_ready_but_alive_while_tasks_drain(broker, worker, mongo, names):
+    """Kubernetes probes: /readyz turns 503 as soon as a warm shutdown begins (no new work), while
+    /healthz stays 200 until the running tasks are done and the worker exits (a liveness probe
+    must not kill the drain); both 200 while consuming."""
+    from conftest import free_port
+    label = names.queue("drain")
+    name = f"drain{names.queue('nb')[-8:]}"
+    port = free_port()
+    w = worker(broker.url, [label], name=f"{name}@%h", concurrency=1,
+               extra=["--metrics-addr", f"127.0.0.1:{port}"])
+    wait_until(lambda: _http_status(port, "/readyz") == 200, 30, "/readyz 200 while consuming")
+    assert _http_status(port, "/healthz") == 200
+    tasks = client(MAP_SLEEPY.format(name=name, n=1), client_env(mongo, broker, label))
+    d = db(mongo)
+    wait_until(lambda: d.om_worker_inflight.count_documents({"owner": w.nodename}) == 1, 60,
+               "the task running")
+    os.kill(w.pid, signal.SIGTERM)
+    wait_until(lambda: "warm shutdown" in w.log(), 10, "warm shutdown begun")
+    assert _http_status(port, "/readyz") == 503, "a draining worker must not be ready"
+    assert _http_status(port, "/healthz") == 200, "a draining worker is alive"
+    assert w.alive(), "the worker waits for its running task"
+    w.proc.wait(timeout=90)
+    doc = d.metadata.find_one({"name": tasks[0]})
+    runs = doc["attributes"]["job_runs"]
+    assert [r["status"] for r in runs] == ["OK"], runs

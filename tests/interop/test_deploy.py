@@ -249,8 +249,10 @@ def deployment_problems(dep, ctx):
         if not hg or set(probe) & {"exec", "tcpSocket", "grpc"}:
             p.append(f"{kind} is not an httpGet probe")
             continue
-        if hg.get("path") != "/healthz":
-            p.append(f"{kind} path {hg.get('path')!r} != /healthz")
+        # liveness/startup: alive (also while draining); readiness: takes work (503 while draining)
+        want = "/readyz" if kind == "readinessProbe" else "/healthz"
+        if hg.get("path") != want:
+            p.append(f"{kind} path {hg.get('path')!r} != {want}")
         if mport is None or resolve_port(c, hg.get("port")) != mport:
             p.append(f"{kind} port {hg.get('port')!r} is not the served metrics port {mport}")
     # shutdown
