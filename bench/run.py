@@ -410,6 +410,14 @@ def ratio_of(a, b):
     return rnd(a / b, 2) if a is not None and b else None
 
 
+def idle_row(results, b, what, key, goal_text, goal):
+    """The goal row comparing an idle-tree figure of om-worker with the Python worker's."""
+    py, rs = idle(results, b, "py", key), idle(results, b, "rs", key)
+    value = ratio_of(rs, py)
+    return {"broker": b, "metric": f"idle tree {what} (MB), om-worker / python", "python": py,
+            "om_worker": rs, "value": value, "goal": goal_text, "verdict": verdict(value, goal, le=True)}
+
+
 def ratios(results, brokers):
     out = []
     for b in brokers:
@@ -430,22 +438,8 @@ def ratios(results, brokers):
             {"broker": b, "metric": "CPU-s per seed task, worker tree (drain)",
              "python": cpu_tree(py_d), "om_worker": cpu_tree(rs_d), "value": cpu_tree(rs_d),
              "goal": "≤ 0.10", "verdict": verdict(cpu_tree(rs_d), GOALS["rs_cpu_per_task_s"], le=True)},
-            {"broker": b, "metric": "idle tree RSS (MB), om-worker / python",
-             "python": idle(results, b, "py", "idle_tree_rss_mb"),
-             "om_worker": idle(results, b, "rs", "idle_tree_rss_mb"),
-             "value": ratio_of(idle(results, b, "rs", "idle_tree_rss_mb"), idle(results, b, "py", "idle_tree_rss_mb")),
-             "goal": "≤ 0.33×",
-             "verdict": verdict(ratio_of(idle(results, b, "rs", "idle_tree_rss_mb"),
-                                         idle(results, b, "py", "idle_tree_rss_mb")),
-                                GOALS["idle_tree_rss_ratio"], le=True)},
-            {"broker": b, "metric": "idle tree PSS (MB), om-worker / python",
-             "python": idle(results, b, "py", "idle_tree_pss_mb"),
-             "om_worker": idle(results, b, "rs", "idle_tree_pss_mb"),
-             "value": ratio_of(idle(results, b, "rs", "idle_tree_pss_mb"), idle(results, b, "py", "idle_tree_pss_mb")),
-             "goal": "≤ 0.6×",
-             "verdict": verdict(ratio_of(idle(results, b, "rs", "idle_tree_pss_mb"),
-                                         idle(results, b, "py", "idle_tree_pss_mb")),
-                                GOALS["idle_tree_pss_ratio"], le=True)},
+            idle_row(results, b, "RSS", "idle_tree_rss_mb", "≤ 0.33×", GOALS["idle_tree_rss_ratio"]),
+            idle_row(results, b, "PSS", "idle_tree_pss_mb", "≤ 0.6×", GOALS["idle_tree_pss_ratio"]),
             {"broker": b, "metric": "map(range(50)): makespan / time in map(), om-worker",
              "python": g(find(results, b, "py", "map50"), "makespan_over_map"),
              "om_worker": g(rs_m, "makespan_over_map"), "value": g(rs_m, "makespan_over_map"),

@@ -1217,7 +1217,7 @@ impl ForkServerLauncher {
         match result {
             Ok((client, info)) => {
                 self.forked.fetch_add(1, Ordering::Relaxed);
-                Ok(Some(Kernel::over_socket(
+                Ok(Some(Kernel::assemble(
                     client,
                     process,
                     plan.spec.clone(),

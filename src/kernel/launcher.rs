@@ -193,9 +193,9 @@ pub struct Kernel {
 }
 
 impl Kernel {
-    /// A ready kernel that is not reached through a connection file (a forked shell: `endpoint`
-    /// is its socket, inside `runtime_dir`, which is removed with the kernel).
-    pub(crate) fn over_socket(
+    /// A ready kernel; `endpoint` is its connection file or (a forked shell) its socket, inside
+    /// `runtime_dir`, which is removed with the kernel.
+    pub(crate) fn assemble(
         client: KernelClient,
         process: KernelProcess,
         spec: KernelSpec,
@@ -451,15 +451,15 @@ impl PreparedConnection {
         kernel_info: Value,
         startup_time: Duration,
     ) -> Kernel {
-        Kernel {
+        Kernel::assemble(
             client,
             process,
             spec,
             kernel_info,
             startup_time,
-            connection_file: self.connection_file,
-            runtime_dir: Some(self.runtime_dir),
-        }
+            self.connection_file,
+            self.runtime_dir,
+        )
     }
 }
 
