@@ -472,6 +472,9 @@ def _task_body(runner):
         # children get PR_SET_PDEATHSIG for their worker, which is their parent; ours is not)
         runner.OWNER_WATCHED = True
         sys.argv = [getattr(runner, "__file__", None) or "om_taskrunner"]
+        # no IPython shell in a task (the server prepared one for notebooks): `get_ipython()` is
+        # None, as in a Celery pool child (omega|ml's is_interactive(), tqdm.auto, ...)
+        _clear_shell_singletons()
         code = runner.run_file(req["request"])
         # The outcome is written and every MongoDB write of the task acknowledged: what atexit
         # would run now (pymongo's monitor threads, omega|ml's close_all_clients) only keeps the
@@ -509,6 +512,7 @@ def _spare_body(runner, go_fd):
     def body(req):
         sys.argv = [getattr(runner, "__file__", None) or "om_taskrunner"]
         runner.OWNER_WATCHED = True  # see _task_body
+        _clear_shell_singletons()  # see _task_body
         try:
             runner.warm_up(req.get("hostname") if isinstance(req.get("hostname"), str) else None)
         except BaseException:  # the task does it itself, as a cold child would

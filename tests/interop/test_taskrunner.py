@@ -65,6 +65,13 @@ def context(self, *args, **kwargs):
     return _ctx(self.request)
 
 
+@shared_task(name="omw_runner_tasks.ipython_state")
+def ipython_state():
+    from IPython import get_ipython
+    from omegaml.util import is_interactive
+    return {"get_ipython": repr(get_ipython()), "is_interactive": bool(is_interactive())}
+
+
 @shared_task(bind=True, base=OmegamlTask, name="omw_runner_tasks.om_context")
 def om_context(self, *args, **kwargs):
     out = _ctx(self.request)
@@ -375,6 +382,14 @@ def assert_success(ex, outcome, files):
 # ---------------------------------------------------------------------------------------------
 # omega|ml tasks
 # ---------------------------------------------------------------------------------------------
+
+def test_a_task_sees_no_ipython_shell(server):
+    """The fork server prepares ipykernel's shell for notebooks; a task child is a Celery task,
+    not a kernel: get_ipython() is None and omega|ml does not think it is interactive."""
+    _, ex, out, files = server.task("omw_runner_tasks.ipython_state")
+    value = pickle.loads(assert_success(ex, out, files))
+    assert value == {"get_ipython": "None", "is_interactive": False}, value
+
 
 def test_fit_predict_score(server, omdata):
     import numpy as np
