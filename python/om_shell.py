@@ -39,7 +39,8 @@ What the child does that ipykernel's app would do differently:
 Debugging: with ``OM_SHELL_DEBUG`` set in the kernel environment, SIGUSR1 makes a forked shell write
 every thread's stack to its original stderr (om-worker's log).
 
-Isolation is unchanged: the fork server never runs a cell, so every child starts from the same
+Isolation is unchanged: the fork server never runs a task's cell (only :data:`WARM_UP`, after
+which the namespace, output history and count are restored), so every child starts from the same
 pristine shell (execution count 1, empty namespace, empty history) and one child runs one notebook.
 Only the standard library, IPython, ipykernel and jupyter_client (ipykernel's dependency) are used.
 """
