@@ -140,10 +140,6 @@ class Channel:
     def send_multipart(self, parts, *args, **kwargs):
         self.wire.write(self.name, list(parts))
 
-    # ipykernel's _publish_status_and_flush flushes ZMQStreams; nothing is buffered here
-    def flush(self, *args, **kwargs):
-        pass
-
 
 class OutStream:
     """``sys.stdout``/``sys.stderr`` of a forked shell: text is buffered and sent as ``stream``
