@@ -126,7 +126,9 @@ pub struct WorkerFlags {
     #[arg(long)]
     pub result_serializer: Option<String>,
     /// Seconds a worker's in-flight lease lasts; a task whose worker stops
-    /// renewing it (died) is re-queued by another worker after this long.
+    /// renewing it (died) is re-queued by another worker after this long, and
+    /// on Redis so are the messages it held without running them (prefetched,
+    /// waiting for a slot or an ETA).
     #[arg(long)]
     pub lease_seconds: Option<u64>,
     /// Seconds running tasks get to finish on a warm shutdown.

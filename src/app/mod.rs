@@ -28,6 +28,7 @@ pub async fn connect_broker(config: &Config) -> anyhow::Result<Arc<dyn Broker>> 
         redis: crate::broker::redis::RedisOptions {
             visibility_timeout: Duration::from_secs(config.visibility_timeout),
             restore_interval: Duration::from_secs(config.restore_interval.max(1)),
+            holder_lease: Some(Duration::from_secs(config.lease_seconds.max(1))),
             ..Default::default()
         },
         ..Default::default()

@@ -510,6 +510,30 @@ def worker_env(tmpdir, broker_url=None, backend_url=None, mongo_url=None, extra=
     return env
 
 
+def start_python_worker(broker_url, queues, mongo_url, tmp_path, started, backend="rpc://", env_extra=None,
+                        concurrency=1, extra=(), prefix="omw-py"):
+    """omega|ml's own worker, `celery --app omegaml.celeryapp worker`, as the `worker` fixture starts it
+    for OMW_WORKER_IMPL=python, whatever OMW_WORKER_IMPL is: for tests that run it beside om-worker.
+    Appends it to `started` (the caller stops it) and returns it once it is ready."""
+    queues = [queues] if isinstance(queues, str) else list(queues)
+    name = f"{prefix}-{short_id()}@%h"
+    wtmp = tmp_path / f"py-worker-{short_id()}"
+    wtmp.mkdir()
+    argv = [str(VENV / "bin" / "celery"), "--app", "omegaml.celeryapp", "worker", "-Q", ",".join(queues),
+            "-c", str(concurrency), "-n", name, "-l", "info", "--without-gossip", "--without-mingle",
+            "--without-heartbeat", *extra]
+    env = worker_env(wtmp, broker_url, backend, mongo_url, dict(env_extra or {}, C_FORCE_ROOT="1"))
+    w = WorkerProc(argv, env, wtmp / "python-worker.log", name.replace("%h", HOSTNAME))
+    started.append(w)
+    deadline = time.monotonic() + 60
+    while not PY_READY_RE.search(w.log()):
+        if not w.alive() or time.monotonic() > deadline:
+            _fail(f"python celery worker not ready (alive={w.alive()}):\n{w.log_tail()}")
+        time.sleep(0.2)
+    w.nodename = PY_READY_RE.search(w.log()).group(1)
+    return w
+
+
 @pytest.fixture
 def worker(request, names, mongo, om_worker_bin, tmp_path):
     """Factory: start(broker_url, queues=[...], backend='rpc://', name=None, concurrency=1, extra=[],

@@ -5,9 +5,13 @@ their ETA, so right after publishing N pings with an ETA a few seconds ahead, al
 worker (checked on the broker before acting).
 """
 import datetime
+import os
+import signal
 import time
 
-from conftest import wait_until
+import pytest
+
+from conftest import start_python_worker, wait_until
 
 # This module runs no notebook: its workers pre-start no kernels (see conftest's `worker`).
 WORKER_KERNELS = False
@@ -81,3 +85,88 @@ def test_sigterm_returns_held_messages(broker, worker, client_factory, q):
                f"the {N} held messages back in {q} as ready")
     assert not any(r.ready() for r in results), "an ETA task ran or got a result during shutdown"
 
+
+
+def _held(broker, q, n):
+    return (lambda s: s["ready"] == 0 and s["unacked"] == n)(broker.queue_state(q))
+
+
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_a_dead_workers_held_messages_return_within_its_lease_not_the_visibility_timeout(
+        broker, worker, client_factory, names, tmp_path, mongo, check_ping):
+    """Redis (issue 15): kombu leaves the messages a dead worker held — prefetched, waiting for their
+    ETA — in `unacked` until the visibility timeout (1 h). om-worker's holder lease brings them back
+    within about `--lease-seconds`, while messages held by live workers stay where they are: a live
+    om-worker's and a live Python Celery worker's (which knows nothing of holder leases) are never
+    restored early. All workers keep kombu's default visibility timeout (3600 s)."""
+    q_dead, q_live, q_py = names.queue("omw-dead"), names.queue("omw-live"), names.queue("omw-py")
+    lease = ["--lease-seconds", "3", "--prefetch-multiplier", "8"]
+    client = client_factory(broker.url, "rpc://")
+    far = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=600)
+
+    started = []
+    py = start_python_worker(broker.url, q_py, mongo, tmp_path, started)
+    try:
+        live = worker(broker.url, [q_live], concurrency=1, extra=lease)
+        dead = worker(broker.url, [q_dead], concurrency=1, extra=lease)
+        held_live = [client.ping(q_live, args=[i], eta=far) for i in range(N)]
+        held_py = [client.ping(q_py, args=[i], eta=far) for i in range(N)]
+        eta, results = _publish_eta_pings(client, q_dead, delay=3)
+        for qq in (q_dead, q_live, q_py):
+            _wait_held(broker, qq, N)
+        dead.kill()
+        assert dead.returncode == -9, dead.returncode
+        assert broker.queue_state(q_dead) == {"exists": False, "ready": 0, "unacked": N}
+
+        t_kill = time.monotonic()
+        # The live om-worker's sweep (lease 3 s, every second) finds the dead holder: the N messages
+        # are back on their queue long before the 3600 s visibility timeout.
+        wait_until(lambda: broker.queue_state(q_dead)["ready"] == N, 20,
+                   f"the {N} messages the killed worker held back on {q_dead}")
+        back_after = time.monotonic() - t_kill
+        assert back_after < 15, f"restored after {back_after:.1f}s (lease 3 s)"
+        assert "stopped renewing its holder lease" in live.log(), live.log_tail()
+
+        runner = worker(broker.url, [q_dead], concurrency=1, extra=lease)
+        for i, r in enumerate(results):
+            check_ping(r.get(timeout=60), runner.nodename, args=[i], kwargs={"a": 1})
+
+        # Three more leases: what live workers hold is untouched.
+        time.sleep(9)
+        assert _held(broker, q_live, N), broker.queue_state(q_live)
+        assert _held(broker, q_py, N), broker.queue_state(q_py)
+        assert not any(r.ready() for r in held_live + held_py), "a held ETA task ran early"
+        assert live.alive() and py.alive()
+    finally:
+        for w in started:
+            w.terminate(grace=20)
+
+
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_a_worker_paused_past_its_lease_does_not_run_what_was_restored(
+        broker, worker, client_factory, q, check_ping):
+    """Redis: a worker stopped (SIGSTOP) past its holder lease is declared dead and what it held goes
+    back to the queue, where another worker runs it. When the first resumes it must not run those
+    deliveries too: its ack fails (tombstone), it continues under a new holder id, and each task ran
+    exactly once."""
+    lease = ["--lease-seconds", "3", "--prefetch-multiplier", "8"]
+    paused = worker(broker.url, [q], concurrency=1, extra=lease)
+    client = client_factory(broker.url, "rpc://")
+    eta, results = _publish_eta_pings(client, q, delay=6)
+    _wait_held(broker, q, N)
+    os.kill(paused.proc.pid, signal.SIGSTOP)
+    try:
+        other = worker(broker.url, [q], concurrency=1, extra=lease)
+        for i, r in enumerate(results):
+            check_ping(r.get(timeout=60), other.nodename, args=[i], kwargs={"a": 1})
+    finally:
+        os.kill(paused.proc.pid, signal.SIGCONT)
+    wait_until(lambda: "holder lease" in paused.log() and "new holder id" in paused.log(), 20,
+               "the resumed worker noticing it was declared dead")
+    wait_until(lambda: paused.log().count("ack failed, not running") >= N, 20,
+               f"the resumed worker refusing its {N} restored deliveries")
+    ran_there = [ln for ln in paused.log().splitlines() if "task succeeded" in ln]
+    assert not any(r.id in ln for ln in ran_there for r in results), "the resumed worker ran a restored task"
+    assert paused.alive() and other.alive()
+    # Both still serve the queue.
+    assert client.ping(q).get(timeout=60)

@@ -8,13 +8,11 @@ comparison cannot pass vacuously). The client side is omega|ml's unchanged test 
 subprocess pytest, kept remote by the eager guard in omegaml_suite.py.
 """
 import os
-import time
 
 import pytest
 
 import omegaml_suite as suite
-from conftest import (HOSTNAME, PY_READY_RE, REDIS_BACKEND_URL, VENV, VENV_PY, WorkerProc, _fail, short_id,
-                      worker_env)
+from conftest import REDIS_BACKEND_URL, VENV_PY, short_id, start_python_worker
 
 # Notebook jobs (test_nbtasks, job runs) need kernels: om-worker pre-starts its kernel pool.
 MIN_PYTHON_PASSES = 12  # the Python worker passes 18 here; far fewer means the harness is broken
@@ -37,23 +35,9 @@ def _label_env(label):
 
 
 def _start_python_worker(broker_url, label, mongo_url, tmp_path, started):
-    """omega|ml's own worker, `celery --app omegaml.celeryapp worker`, as conftest starts it for
-    OMW_WORKER_IMPL=python."""
-    name = f"omw-suite-py-{short_id()}@%h"
-    wtmp = tmp_path / "py-worker"
-    wtmp.mkdir()
-    argv = [str(VENV / "bin" / "celery"), "--app", "omegaml.celeryapp", "worker", "-Q", label, "-c", str(CONCURRENCY),
-            "-n", name, "-l", "info", "--without-gossip", "--without-mingle", "--without-heartbeat"]
-    env = worker_env(wtmp, broker_url, BACKEND, mongo_url, dict(_label_env(label), C_FORCE_ROOT="1"))
-    w = WorkerProc(argv, env, tmp_path / "python-worker.log", name.replace("%h", HOSTNAME))
-    started.append(w)
-    deadline = time.monotonic() + 60
-    while not PY_READY_RE.search(w.log()):
-        if not w.alive() or time.monotonic() > deadline:
-            _fail(f"python celery worker not ready (alive={w.alive()}):\n{w.log_tail()}")
-        time.sleep(0.2)
-    w.nodename = PY_READY_RE.search(w.log()).group(1)
-    return w
+    """omega|ml's own worker on `label`, as conftest starts it for OMW_WORKER_IMPL=python."""
+    return start_python_worker(broker_url, label, mongo_url, tmp_path, started, backend=BACKEND,
+                               env_extra=_label_env(label), concurrency=CONCURRENCY, prefix="omw-suite-py")
 
 
 def _client(kind, broker, mongo, label, tmp_path):

@@ -84,7 +84,24 @@ impl RedisAcker {
                 self.shared.ack_later(&self.tag);
                 Ok(())
             }
-            other => other,
+            Err(e) => Err(e),
+            Ok(true) => Ok(()),
+            // The entry is gone: either Redis lost its data (restarted
+            // without persistence: run it from our copy, nobody else has
+            // one) or this worker was declared dead while paused and another
+            // restored the message (it is on its queue again: do not run it
+            // here too). The tombstone tells the two apart (`holder.rs`).
+            Ok(false) => match self.shared.declared_dead().await {
+                Ok(true) => Err(BrokerError::Operation(format!(
+                    "delivery {} was restored to its queue by another worker after this                      worker's holder lease lapsed",
+                    self.tag
+                ))),
+                Ok(false) => Ok(()),
+                Err(e) => {
+                    warn!(tag = %self.tag, error = %e, "could not check the holder tombstone; running the task");
+                    Ok(())
+                }
+            },
         }
     }
 }

@@ -57,6 +57,11 @@ impl Shared {
         for q in queues {
             self.declare_queue(q).await?;
         }
+        // Registered before the first pop records a tag under it.
+        self.renew_holder().await?;
+        if !self.holder_started.swap(true, Ordering::SeqCst) {
+            self.start_holder_lease();
+        }
         let stop = CancellationToken::new();
         *self.consumer_stop.lock().await = stop.clone();
         self.set_live_queues(|q| *q = queues.to_vec());

@@ -23,6 +23,12 @@
 //!   held waits for the visibility timeout and nothing is lost with Redis'
 //!   memory (`unacked.rs`).
 //!
+//! * **Holder leases** (beyond kombu, issue 15). Each process registers a
+//!   lease and records the tags it holds next to kombu's `unacked` entry; a
+//!   worker whose lease lapsed is declared dead by another, which restores
+//!   what it held within about one lease instead of the visibility timeout
+//!   (`holder.rs`).
+//!
 //! **Crash window.** Like kombu, the pop (`BRPOP`) and the record
 //! (`MULTI/EXEC`) are two round trips; a process killed between them loses
 //! that message. A Lua "pop and record" cannot block (blocking commands do not
@@ -49,6 +55,7 @@
 //! |---|---|
 //! | `options.rs` | [`RedisOptions`] (kombu's transport options) and defaults |
 //! | `connection.rs` | one lazily (re)connected multiplexed connection |
+//! | `holder.rs` | holder leases: restoring what a dead worker held |
 //! | `query.rs` | the one retrying query helper every command goes through |
 //! | `keys.rs` | kombu's key, priority-queue and fanout-channel names |
 //! | `bindings.rs` | the `_kombu.binding.*` sets: declaring and routing |
@@ -62,6 +69,7 @@ mod acker;
 mod bindings;
 mod connection;
 mod consume;
+mod holder;
 mod keys;
 mod options;
 mod publish;
@@ -120,6 +128,11 @@ struct Shared {
     /// The queues the consume loop polls; changed at runtime by
     /// `add_queue`/`cancel_queue` (remote control), read once per BRPOP.
     live_queues: std::sync::Mutex<Vec<String>>,
+    /// This process's holder ids (see `holder.rs`).
+    holder: std::sync::Mutex<holder::HolderIds>,
+    holder_scripts: holder::HolderScripts,
+    /// Whether the holder lease loop runs.
+    holder_started: AtomicBool,
 }
 
 impl Shared {
@@ -148,6 +161,9 @@ impl Shared {
             restore_script: Script::new(RESTORE_CAS),
             mutex_script: Script::new(MUTEX_RELEASE),
             live_queues: std::sync::Mutex::new(Vec::new()),
+            holder: std::sync::Mutex::new(holder::HolderIds::new()),
+            holder_scripts: holder::HolderScripts::new(),
+            holder_started: AtomicBool::new(false),
         }
     }
 }
@@ -239,6 +255,7 @@ impl Broker for RedisBroker {
         debug!(restored = n, "restored own unsettled deliveries on close");
         self.shared.ack_pending_once().await;
         self.shared.shutdown.cancel();
+        self.shared.drop_holder().await;
         let restorer = self.shared.restorer.lock().await.take();
         if let Some(h) = restorer {
             let _ = tokio::time::timeout(Duration::from_secs(5), h).await;

@@ -48,6 +48,11 @@ pub struct RedisOptions {
     /// `CLIENT SETNAME` for every connection, so operators (and tests) can
     /// tell the worker's connections apart in `CLIENT LIST`.
     pub client_name: Option<String>,
+    /// How long this process's holder lease lasts (om-worker's own, not
+    /// kombu's): messages it holds unstarted are restored by another worker
+    /// about this long after it died (see `holder.rs`). `None` leaves them
+    /// to the visibility timeout, as kombu does.
+    pub holder_lease: Option<Duration>,
 }
 
 impl Default for RedisOptions {
@@ -68,6 +73,7 @@ impl Default for RedisOptions {
             restore_batch: 1000,
             max_backoff: Duration::from_secs(2),
             client_name: None,
+            holder_lease: Some(Duration::from_secs(60)),
         }
     }
 }

@@ -115,7 +115,7 @@ impl Shared {
                     _ = s.shutdown.cancelled() => return,
                 }
                 match s.remove_unacked(&tag).await {
-                    Ok(()) => {
+                    Ok(_) => {
                         s.acking().remove(&tag);
                         info!(tag, "delivered an ack deferred by the Redis outage");
                         return;
@@ -132,7 +132,7 @@ impl Shared {
     pub(super) async fn ack_pending_once(&self) {
         for tag in self.acking_tags() {
             match self.remove_unacked(&tag).await {
-                Ok(()) => {
+                Ok(_) => {
                     self.acking().remove(&tag);
                 }
                 Err(e) => error!(
@@ -197,50 +197,69 @@ impl Shared {
         let score = format!("{}", now_secs());
         let idx = self.key(&self.opts.unacked_index_key);
         let hash = self.key(&self.opts.unacked_key);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("ZADD")
+            .arg(&idx)
+            .arg(&score)
+            .arg(tag)
+            .ignore()
+            .cmd("HSET")
+            .arg(&hash)
+            .arg(tag)
+            .arg(&value)
+            .ignore();
+        // The holder's record of it, in the same transaction (`holder.rs`).
+        if let Some(held) = self.own_held_key() {
+            pipe.cmd("SADD").arg(held).arg(tag).ignore();
+        }
         self.cmd
-            .query(
-                "record unacked",
-                3,
-                Request::Pipeline(
-                    redis::pipe()
-                        .atomic()
-                        .cmd("ZADD")
-                        .arg(&idx)
-                        .arg(&score)
-                        .arg(tag)
-                        .ignore()
-                        .cmd("HSET")
-                        .arg(&hash)
-                        .arg(tag)
-                        .arg(&value)
-                        .ignore(),
-                ),
-            )
+            .query("record unacked", 3, Request::Pipeline(&pipe))
             .await
     }
 
-    /// kombu `_remove_from_indices`: MULTI; ZREM unacked_index; HDEL unacked; EXEC.
-    pub(super) async fn remove_unacked(&self, tag: &str) -> Result<(), BrokerError> {
+    /// kombu `_remove_from_indices`: MULTI; ZREM unacked_index; HDEL unacked; EXEC
+    /// (and the holder's record of it). Returns whether the `unacked` entry
+    /// was still there.
+    pub(super) async fn remove_unacked(&self, tag: &str) -> Result<bool, BrokerError> {
         let idx = self.key(&self.opts.unacked_index_key);
         let hash = self.key(&self.opts.unacked_key);
-        self.cmd
-            .query(
-                "remove unacked",
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("ZREM")
+            .arg(&idx)
+            .arg(tag)
+            .ignore()
+            .cmd("HDEL")
+            .arg(&hash)
+            .arg(tag);
+        if let Some(held) = self.own_held_key() {
+            pipe.cmd("SREM").arg(held).arg(tag).ignore();
+        }
+        let (removed,): (i64,) = self
+            .cmd
+            .query("remove unacked", 3, Request::Pipeline(&pipe))
+            .await?;
+        Ok(removed > 0)
+    }
+
+    /// Drops `tag` from this holder's record after it went back to a queue.
+    async fn forget_held(&self, tag: &str) {
+        let Some(held) = self.own_held_key() else {
+            return;
+        };
+        let res = self
+            .cmd
+            .query::<i64>(
+                "SREM held",
                 3,
-                Request::Pipeline(
-                    redis::pipe()
-                        .atomic()
-                        .cmd("ZREM")
-                        .arg(&idx)
-                        .arg(tag)
-                        .ignore()
-                        .cmd("HDEL")
-                        .arg(&hash)
-                        .arg(tag)
-                        .ignore(),
-                ),
+                Request::Cmd(redis::cmd("SREM").arg(held).arg(tag)),
             )
-            .await
+            .await;
+        if let Err(e) = res {
+            // A stale tag only makes a later dead-holder sweep find no entry.
+            debug!(tag, error = %e, "could not drop a restored tag from the holder's set");
+        }
     }
 
     /// kombu `restore_by_tag`: puts `unacked[tag]` back on its queue(s),
@@ -314,6 +333,7 @@ impl Shared {
             .cmd
             .query("restore", 3, Request::Script(&restore))
             .await?;
+        self.forget_held(tag).await;
         Ok(done == 1 && !dests.is_empty())
     }
 
@@ -342,6 +362,9 @@ impl Shared {
                 .arg(self.queue_key(q, priority))
                 .arg(&marked)
                 .ignore();
+        }
+        if let Some(held) = self.own_held_key() {
+            pipe.cmd("SREM").arg(held).arg(tag).ignore();
         }
         self.cmd
             .query::<()>("restore kept copy", 3, Request::Pipeline(&pipe))
