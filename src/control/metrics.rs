@@ -217,6 +217,46 @@ pub async fn queue_lengths(
         .collect()
 }
 
+/// Writes whole-number bucket bounds as Python does (`le="1.0"`, not `le="1"`): Prometheus 2
+/// keeps `le` as text, so a `sum by (le)` over Python workers (celery-exporter,
+/// prometheus_client) and om-workers would otherwise split one bucket in two.
+pub fn python_le(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 64);
+    for line in text.split_inclusive('\n') {
+        match whole_le_end(line) {
+            Some(end) => {
+                out.push_str(&line[..end]);
+                out.push_str(".0");
+                out.push_str(&line[end..]);
+            }
+            None => out.push_str(line),
+        }
+    }
+    out
+}
+
+/// Where a sample line's `le` value ends, when that value is a whole number. The exporter
+/// writes `le` last (`x_bucket{a="..",le="1"} 3`), so it is found from the end of the label
+/// set, never inside another label's value.
+fn whole_le_end(line: &str) -> Option<usize> {
+    if line.starts_with('#') {
+        return None;
+    }
+    let labels = &line[..line.rfind("} ")?];
+    let quote = labels
+        .len()
+        .checked_sub(1)
+        .filter(|_| labels.ends_with('"'))?;
+    let at = labels.rfind("le=\"")?;
+    let before = labels[..at].chars().last();
+    if !matches!(before, Some('{') | Some(',')) {
+        return None;
+    }
+    let value = &labels[at + 4..quote];
+    let digits = value.strip_prefix('-').unwrap_or(value);
+    (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())).then_some(quote)
+}
+
 /// What a request line asks for.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Route {
@@ -288,7 +328,7 @@ async fn respond(
         Route::Metrics => (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
-            handle.render(),
+            python_le(&handle.render()),
         ),
         Route::Health if state.consuming() => ("200 OK", "text/plain", "ok\n".to_owned()),
         Route::Health => (
@@ -339,6 +379,19 @@ mod tests {
         assert_eq!(route("POST /metrics HTTP/1.1\r\n"), Route::MethodNotAllowed);
         assert_eq!(route("GET / HTTP/1.1\r\n"), Route::NotFound);
         assert_eq!(route(""), Route::MethodNotAllowed);
+    }
+
+    #[test]
+    fn bucket_bounds_are_written_as_python_writes_them() {
+        let text = "# HELP x_bucket le=\"1\"\nx_bucket{name=\"a\",le=\"1\"} 3\n\
+                    x_bucket{le=\"0.5\"} 2\nx_bucket{le=\"+Inf\"} 4\nx_bucket{q=\"b\",le=\"10\"} 1\n\
+                    y{name=\"le=\"} 1\nz_bucket{name=\"x,le=\\\"1\",le=\"5\"} 1\n";
+        assert_eq!(
+            python_le(text),
+            "# HELP x_bucket le=\"1\"\nx_bucket{name=\"a\",le=\"1.0\"} 3\n\
+             x_bucket{le=\"0.5\"} 2\nx_bucket{le=\"+Inf\"} 4\nx_bucket{q=\"b\",le=\"10.0\"} 1\n\
+             y{name=\"le=\"} 1\nz_bucket{name=\"x,le=\\\"1\",le=\"5.0\"} 1\n"
+        );
     }
 
     #[test]

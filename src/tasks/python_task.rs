@@ -729,7 +729,13 @@ mod tests {
 
     #[test]
     fn sent_entries_are_read_leniently() {
-        let v = json!([["a.t", "q", 2], ["b", "r", 1], ["bad"], [1, "q", 1], ["c", "q", -1]]);
+        let v = json!([
+            ["a.t", "q", 2],
+            ["b", "r", 1],
+            ["bad"],
+            [1, "q", 1],
+            ["c", "q", -1]
+        ]);
         assert_eq!(
             sent_tasks(Some(&v)),
             [("a.t".into(), "q".into(), 2), ("b".into(), "r".into(), 1)]
