@@ -166,3 +166,29 @@ def test_task_sent_by_beat(broker, worker, names):
     assert sent >= 1 and one(smp, "celery_task_received_total", **lbl) <= sent
     exported = {re.sub(r"_(bucket|sum|count)$", "", n) for n, _, _ in smp}
     assert telemetry_celery_names() <= exported, telemetry_celery_names() - exported
+
+
+def test_task_sent_by_a_python_task(broker, worker, client_factory, names):
+    """A chain of two pings: the first message carries the chain, so omega|ml's Python ping runs
+    in a task child and Celery's tracer there publishes the second; the child reports the publish
+    (outcome `sent`) and om-worker counts it as celery_task_sent_total."""
+    from celery import chain
+    q = names.queue("metchain")
+    port = free_port()
+    w = worker(broker.url, [q], extra=["--metrics-addr", f"127.0.0.1:{port}"])
+    host = w.nodename.split("@", 1)[1]
+    client = client_factory(broker.url)
+    app = client.app
+    second_id = names.task_id()
+    first = app.signature(PING_TASK, args=(1, 2), options={"queue": q, "task_id": names.task_id()})
+    second = app.signature(PING_TASK, options={"queue": q, "task_id": second_id})
+    res = chain(first, second).apply_async()
+    res.get(timeout=120)
+    assert res.id == second_id
+    lbl = dict(name=PING_TASK, hostname=host, queue_name=q)
+    smp = wait_until(lambda: (s := samples(scrape(port)))
+                     and find(s, "celery_task_succeeded_total", **lbl) == [2] and s, 30,
+                     "both pings counted")
+    assert one(smp, "celery_task_sent_total", **lbl) == 1, "the chain's second element, sent by the child"
+    assert one(smp, "celery_task_received_total", **lbl) == 2
+    assert "running omega|ml's Python task instead" in w.log()
