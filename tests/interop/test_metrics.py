@@ -1,7 +1,7 @@
 """celery-exporter's metrics on om-worker's /metrics, on RabbitMQ and Redis.
 
 A real om-worker with `--metrics-addr`, driven by the unchanged Celery client: a task that
-succeeds, one that fails, one revoked before it arrives, one of an unregistered name; then the
+succeeds, one that fails, one revoked before it arrives, one expired, one of an unregistered name; then the
 scrape (parsed with prometheus_client's own parser, the library celery-exporter is built on)
 must carry each `celery_*` series with celery-exporter's label names and the values those four
 tasks give in Celery's worker events. The queue length is read after `cancel_consumer` with
@@ -10,6 +10,7 @@ messages waiting. `celery_task_sent_total` is checked with `--beat` (om-worker s
 """
 import re
 import urllib.request
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,10 @@ def test_celery_exporter_series(broker, worker, client_factory, names):
     rev = client.app.send_task(PING_TASK, args=[1, 2], queue=q, task_id=tid)
     rev.get(timeout=30, propagate=False)
     assert rev.state == "REVOKED", rev.state
+    # Expired on arrival: also task-revoked (expired=True) in Celery.
+    gone = client.ping(q, expires=datetime.now(timezone.utc) - timedelta(minutes=5))
+    gone.get(timeout=30, propagate=False)
+    assert gone.state == "REVOKED", gone.state
     unknown = client.send(UNKNOWN_TASK, q)
     unknown.get(timeout=30, propagate=False)
     assert unknown.state == "FAILURE" and type(unknown.result).__name__ == "NotRegistered", unknown.result
@@ -99,12 +104,12 @@ def test_celery_exporter_series(broker, worker, client_factory, names):
         20, "the unregistered task counted")
     # Every task series exists for each state (0 where it did not happen), as the exporter
     # instantiates them; exactly these values.
-    assert one(smp, "celery_task_received_total", **base) == 3
+    assert one(smp, "celery_task_received_total", **base) == 4
     assert one(smp, "celery_task_started_total", **base) == 2
     assert one(smp, "celery_task_succeeded_total", **base) == 1
     assert one(smp, "celery_task_failed_total", exception="Exception", **base) == 1
     assert one(smp, "celery_task_failed_total", exception="", **base) == 0
-    assert one(smp, "celery_task_revoked_total", **base) == 1
+    assert one(smp, "celery_task_revoked_total", **base) == 2
     assert one(smp, "celery_task_rejected_total", **base) == 0
     assert one(smp, "celery_task_retried_total", **base) == 0
     # The unregistered task: Celery's worker reports task-failed(NotRegistered), and the message
@@ -130,7 +135,7 @@ def test_celery_exporter_series(broker, worker, client_factory, names):
             want = {"name", "hostname", "queue_name"} | ({"exception"} if n == "celery_task_failed_total" else set())
             assert set(ls) == want, (n, ls)
     # om-worker's own series are still there.
-    assert one(smp, "om_worker_tasks_received_total", task=PING_TASK, queue=q) == 3
+    assert one(smp, "om_worker_tasks_received_total", task=PING_TASK, queue=q) == 4
     # Every celery_* name om-worker declares is exported (sent needs a publish: the beat test).
     exported = {re.sub(r"_(bucket|sum|count)$", "", n) for n, _, _ in smp}
     assert telemetry_celery_names() - exported == {"celery_task_sent_total"}, exported
