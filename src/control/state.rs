@@ -823,6 +823,7 @@ impl Drop for RequestGuard {
     }
 }
 
+/// Requests running now (phase `Active`), the number heartbeats and metrics report.
 fn active_in(g: &Inner) -> usize {
     g.requests
         .values()
