@@ -47,6 +47,8 @@ Outcome, written into ``result_dir``:
                "args": <typed JSON list>, "kwargs": <typed JSON dict>},   (args/kwargs only when
                                                       retry() was given new ones)
      "requeue": bool,                                       (REJECTED only)
+     "sent": [[task name, routing key, count], ...],        (task messages the task published;
+                                                             only when it published any)
      "runtime": seconds}
 
   ``retry`` is present whenever the task called ``self.retry()`` (what the child republished,
@@ -560,6 +562,21 @@ def _exc_fields(exc):
             "exc_message": [encode(a) for a in args]}
 
 
+#: Task messages this task published (chain elements, callbacks, retries, send_task), as
+#: {(task name, routing key): count}, reported as outcome "sent" for om-worker's
+#: celery_task_sent_total. Bounded: a task looping over send_task adds no new keys past the cap.
+_SENT = {}
+_SENT_KEYS_MAX = 100
+
+
+def _count_sent(sender=None, routing_key=None, headers=None, **_):
+    """Celery's ``after_task_publish`` handler: ``sender`` is the task name."""
+    name = sender if isinstance(sender, str) else (headers or {}).get("task")
+    key = (str(name or "unknown"), str(routing_key or ""))
+    if key in _SENT or len(_SENT) < _SENT_KEYS_MAX:
+        _SENT[key] = _SENT.get(key, 0) + 1
+
+
 def _failure(exc, tb_text=None):
     out = {"status": "FAILURE", "content_type": None, "content_encoding": None,
            "result_stored": False, "traceback": tb_text}
@@ -745,6 +762,9 @@ def _execute(request, result_dir):
 
     from celery.app.trace import build_tracer
     from celery.exceptions import Reject
+    from celery.signals import after_task_publish
+
+    after_task_publish.connect(_count_sent, weak=False)
 
     backend = CaptureBackend(app, task_id, serializer)
     retry_capture = _RetryCapture(task, app)
@@ -828,6 +848,8 @@ def run(request):
         outcome = _execute(request, result_dir)
     except Exception as e:  # runner or setup error: still a FAILURE outcome for the client
         outcome = _failure(e, traceback.format_exc())
+    if _SENT:
+        outcome["sent"] = [[name, queue, n] for (name, queue), n in _SENT.items()]
     try:
         _write_outcome(result_dir, outcome)
     except Exception:

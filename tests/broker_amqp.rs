@@ -493,3 +493,41 @@ async fn reconnects_after_the_broker_closes_the_connection() {
     .await;
     cleanup(&q).await;
 }
+
+#[tokio::test]
+async fn queue_length_is_the_ready_count_and_a_missing_queue_harms_nothing() {
+    let q = unique("qlen");
+    bounded(30, async {
+        let b = broker().await;
+        b.declare_queue(&q).await.expect("declare");
+        for i in 0..3 {
+            b.publish("", &q, message("{}", &format!("m{i}")))
+                .await
+                .expect("publish");
+        }
+        let want = Some(3);
+        let mut got = None;
+        for _ in 0..50 {
+            got = b.queue_length(&q).await.expect("passive declare");
+            if got == want {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(got, want);
+        // 404 on a channel of its own: None, and the connection keeps working.
+        let missing = unique("missing");
+        assert_eq!(b.queue_length(&missing).await.expect("404 is None"), None);
+        let mut rx = b
+            .consume(std::slice::from_ref(&q), 0)
+            .await
+            .expect("consume");
+        let d = recv(&mut rx, Duration::from_secs(5))
+            .await
+            .expect("delivery");
+        d.acker.ack().await.expect("ack");
+        b.close().await.expect("close");
+    })
+    .await;
+    cleanup(&q).await;
+}

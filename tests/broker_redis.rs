@@ -584,3 +584,25 @@ async fn a_held_delivery_returns_to_its_queue_after_a_reconnect_even_if_redis_lo
     .await;
     ctx.cleanup().await;
 }
+
+#[tokio::test]
+async fn queue_length_counts_every_priority_step() {
+    let ctx = Ctx::new("qlen").await;
+    bounded(60, async {
+        ctx.kombu(
+            "p = conn.Producer()\n\
+             for pri in (9, 0, 5, 0):\n\
+             \x20   p.publish({'pri': pri}, routing_key=q, declare=[Queue(q)], priority=pri)",
+        );
+        let b = ctx.broker(ctx.options()).await;
+        assert_eq!(b.queue_length(&ctx.queue).await.expect("llen"), Some(4));
+        // A queue nobody declared is empty, as LLEN says.
+        assert_eq!(
+            b.queue_length("omw-no-such-queue").await.expect("llen"),
+            Some(0)
+        );
+        b.close().await.expect("close");
+    })
+    .await;
+    ctx.cleanup().await;
+}

@@ -321,6 +321,10 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
+    async fn queue_length(&self, queue: &str) -> Result<Option<u64>, BrokerError> {
+        Ok(self.inner.lock().queues.get(queue).map(|q| q.len() as u64))
+    }
+
     async fn close(&self) -> Result<(), BrokerError> {
         {
             let mut st = self.inner.lock();

@@ -249,6 +249,14 @@ pub trait Broker: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Messages ready in `queue` (deliveries held by consumers not counted), as
+    /// celery-exporter reads it for `celery_queue_length`: AMQP `queue.declare(passive)`'s
+    /// `message_count`, Redis `LLEN`. `None` when the queue does not exist or the broker
+    /// cannot tell.
+    async fn queue_length(&self, _queue: &str) -> Result<Option<u64>, BrokerError> {
+        Ok(None)
+    }
+
     /// Starts consuming one more queue while running (`add_consumer`),
     /// declaring it as kombu does. Consuming it already is not an error.
     async fn add_queue(&self, queue: &str) -> Result<(), BrokerError> {

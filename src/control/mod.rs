@@ -49,8 +49,11 @@ pub async fn start(
     stop: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, ControlError> {
     if let Some(addr) = metrics_addr {
+        crate::telemetry::set_nodename(&state.nodename);
         let handle = metrics::install_recorder()?;
-        metrics::serve(addr, handle, Arc::clone(&state), stop.clone()).await?;
+        crate::telemetry::set_worker_up(state.consuming());
+        let (st, br) = (Arc::clone(&state), Arc::clone(&broker));
+        metrics::serve(addr, handle, st, br, stop.clone()).await?;
     }
     let ctx = Arc::new(commands::Context {
         broker: Arc::clone(&broker),

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::protocol::json::to_json;
 use crate::protocol::{RawMessage, TaskMessage, Value};
 use crate::tasks::{CancelReason, ErrorKind, TaskContext, TaskError};
+use crate::telemetry::CeleryState;
 
 /// Celery's `CELERY_WORKER_REVOKES_MAX`: most ids remembered.
 pub const REVOKES_MAX: usize = 50_000;
@@ -338,6 +339,7 @@ impl WorkerState {
     /// Marks the consumer as running or stopped (`/healthz`).
     pub fn set_consuming(&self, on: bool) {
         self.consuming.store(on, Ordering::SeqCst);
+        crate::telemetry::set_worker_up(on);
     }
 
     /// True while deliveries are being consumed.
@@ -408,12 +410,7 @@ impl WorkerState {
     pub fn worker_event(&self, kind: &str, freq: f64) -> Json {
         let (active, processed) = {
             let g = self.lock();
-            let active = g
-                .requests
-                .values()
-                .filter(|r| matches!(r.phase, Phase::Active(_)))
-                .count();
-            (active, g.processed)
+            (active_in(&g), g.processed)
         };
         self.event(
             kind,
@@ -427,6 +424,11 @@ impl WorkerState {
                 "sw_sys": sw_sys(),
             }),
         )
+    }
+
+    /// Tasks running now (the heartbeat's `active`).
+    pub fn active_count(&self) -> usize {
+        active_in(&self.lock())
     }
 
     // ---- pipeline hooks -------------------------------------------------
@@ -464,6 +466,7 @@ impl WorkerState {
         };
         self.lock().requests.insert(key, req);
         crate::telemetry::task_received(&msg.name, &raw.routing_key);
+        crate::telemetry::celery_task(CeleryState::Received, &msg.name, &raw.routing_key, "");
         self.send_task_event(
             "task-received",
             json!({
@@ -701,6 +704,7 @@ impl RequestGuard {
         self.slot = Some(slot);
         self.started_at = Some(Instant::now());
         self.set_phase(Phase::Active(unix_now()));
+        crate::telemetry::celery_task(CeleryState::Started, &self.name, &self.queue, "");
         self.state
             .send_task_event("task-started", json!({"uuid": self.id}));
         slot
@@ -729,6 +733,7 @@ impl RequestGuard {
 
     /// Settled as REVOKED without running (`expired` or `revoked`).
     pub fn revoked(&self, expired: bool) {
+        crate::telemetry::celery_task(CeleryState::Revoked, &self.name, &self.queue, "");
         self.state.send_task_event(
             "task-revoked",
             json!({"uuid": self.id, "terminated": false, "signum": null, "expired": expired}),
@@ -752,6 +757,7 @@ impl RequestGuard {
         }
         crate::telemetry::task_finished(&self.name, &self.queue, outcome.is_ok(), runtime);
         if self.terminated() {
+            crate::telemetry::celery_task(CeleryState::Revoked, &self.name, &self.queue, "");
             self.state.send_task_event(
                 "task-revoked",
                 json!({"uuid": self.id, "terminated": true, "signum": 15, "expired": false}),
@@ -759,10 +765,14 @@ impl RequestGuard {
             return;
         }
         match outcome {
-            Ok(v) => self.state.send_task_event(
-                "task-succeeded",
-                json!({"uuid": self.id, "result": result_repr(v), "runtime": runtime}),
-            ),
+            Ok(v) => {
+                crate::telemetry::celery_task(CeleryState::Succeeded, &self.name, &self.queue, "");
+                crate::telemetry::celery_task_runtime(&self.name, &self.queue, runtime);
+                self.state.send_task_event(
+                    "task-succeeded",
+                    json!({"uuid": self.id, "result": result_repr(v), "runtime": runtime}),
+                )
+            }
             Err(e) => {
                 if e.exception.exc_module == "pymongo.errors" {
                     crate::telemetry::mongodb_error();
@@ -775,15 +785,19 @@ impl RequestGuard {
                     .collect::<Vec<_>>()
                     .join(", ");
                 // Celery's worker events for each ending (celery.worker.request).
-                let event = match e.kind {
-                    ErrorKind::Failure => "task-failed",
-                    ErrorKind::Retry => "task-retried",
+                let (event, counted) = match e.kind {
+                    ErrorKind::Failure => ("task-failed", CeleryState::Failed),
+                    ErrorKind::Retry => ("task-retried", CeleryState::Retried),
                     ErrorKind::Rejected => {
+                        let (name, queue) = (&self.name, &self.queue);
+                        crate::telemetry::celery_task(CeleryState::Rejected, name, queue, "");
                         let fields = json!({"uuid": self.id, "requeue": false});
                         return self.state.send_task_event("task-rejected", fields);
                     }
                     ErrorKind::Ignored => return,
                 };
+                let exception = crate::telemetry::exception_label(&e.exception.exc_type);
+                crate::telemetry::celery_task(counted, &self.name, &self.queue, &exception);
                 self.state.send_task_event(
                     event,
                     json!({
@@ -807,6 +821,14 @@ impl Drop for RequestGuard {
             }
         }
     }
+}
+
+/// Requests running now (phase `Active`), the number heartbeats and metrics report.
+fn active_in(g: &Inner) -> usize {
+    g.requests
+        .values()
+        .filter(|r| matches!(r.phase, Phase::Active(_)))
+        .count()
 }
 
 /// Hours west of UTC, as Python's `time.timezone / 3600` (5.7 sends a float).

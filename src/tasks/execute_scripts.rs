@@ -61,7 +61,9 @@ pub async fn send_task(
     task: &TaskSend,
 ) -> Result<(), BrokerError> {
     broker.declare_queue(queue).await?;
-    broker.publish("", queue, encode_task_v2(task)).await
+    broker.publish("", queue, encode_task_v2(task)).await?;
+    crate::telemetry::celery_task_sent(&task.name, queue, 1);
+    Ok(())
 }
 
 fn bson_to_value(b: &Bson) -> Value {

@@ -157,6 +157,28 @@ struct Outcome {
     /// What `self.retry()` republished (only logged).
     #[serde(default)]
     retry: Option<serde_json::Value>,
+    /// Task messages the task published, `[[name, routing key, count], ...]`, counted as
+    /// `celery_task_sent_total`; read leniently (a bad entry is skipped, not an error).
+    #[serde(default)]
+    sent: Option<serde_json::Value>,
+}
+
+/// The `sent` entries of an outcome that are well-formed: `(name, queue, count)`.
+fn sent_tasks(sent: Option<&serde_json::Value>) -> Vec<(String, String, u64)> {
+    let Some(serde_json::Value::Array(items)) = sent else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|item| match item.as_array().map(Vec::as_slice) {
+            Some([name, queue, n]) => Some((
+                name.as_str()?.to_owned(),
+                queue.as_str()?.to_owned(),
+                n.as_u64()?,
+            )),
+            _ => None,
+        })
+        .collect()
 }
 
 #[async_trait]
@@ -333,6 +355,10 @@ fn read_outcome(dir: &Path, exit: KernelExit, serializer: Serializer) -> Result<
         // No outcome: the child died before it could write one.
         Err(_) => return Err(worker_lost(exit)),
     };
+    for (name, queue, n) in sent_tasks(outcome.sent.as_ref()) {
+        let name = crate::telemetry::foreign_name(&name);
+        crate::telemetry::celery_task_sent(&name, &queue, n);
+    }
     match outcome.status.as_str() {
         "SUCCESS" => {
             let bytes = std::fs::read(dir.join("result.bin"))
@@ -699,6 +725,23 @@ mod tests {
             vec![Value::Tuple(vec![Value::from("bad"), Value::Int(1)])]
         );
         assert_eq!(err.traceback.as_deref(), Some("Traceback ..."));
+    }
+
+    #[test]
+    fn sent_entries_are_read_leniently() {
+        let v = json!([
+            ["a.t", "q", 2],
+            ["b", "r", 1],
+            ["bad"],
+            [1, "q", 1],
+            ["c", "q", -1]
+        ]);
+        assert_eq!(
+            sent_tasks(Some(&v)),
+            [("a.t".into(), "q".into(), 2), ("b".into(), "r".into(), 1)]
+        );
+        assert!(sent_tasks(None).is_empty());
+        assert!(sent_tasks(Some(&json!({"a": 1}))).is_empty());
     }
 
     #[test]

@@ -29,6 +29,7 @@ use crate::ledger::{Begin, Ledger};
 use crate::protocol::message::{peek_task_id, peek_task_name};
 use crate::protocol::{Outgoing, RawMessage, ResultMeta, TaskMessage};
 use crate::tasks::{DeliveryInfo, ErrorKind, TaskContext};
+use crate::telemetry::{self, CeleryState};
 
 /// Handles one delivery from receipt to settlement.
 pub(super) async fn handle(s: Arc<Shared>, d: Delivery) {
@@ -51,7 +52,11 @@ pub(super) async fn handle(s: Arc<Shared>, d: Delivery) {
     }
     let msg = match decide::decode(&message) {
         Ok(m) => m,
-        Err(v) => return conclude(s.backend.as_ref(), acker, "malformed", v).await,
+        Err(v) => {
+            let name = peeked.as_deref().map(telemetry::foreign_name);
+            count_refused(name.as_deref().unwrap_or("unknown"), &message, None);
+            return conclude(s.backend.as_ref(), acker, "malformed", v).await;
+        }
     };
     // Protocol 1 carries the name in the body only.
     let task = match (task, &peeked) {
@@ -60,7 +65,11 @@ pub(super) async fn handle(s: Arc<Shared>, d: Delivery) {
     };
     let task = match decide::route(&msg, &message.routing_key, task, &s.config.unknown_tasks) {
         Route::Run(task) => task,
-        Route::End(v) => return conclude(s.backend.as_ref(), acker, &msg.id, v).await,
+        Route::End(v) => {
+            let name = telemetry::foreign_name(&msg.name);
+            count_refused(&name, &message, Some("NotRegistered"));
+            return conclude(s.backend.as_ref(), acker, &msg.id, v).await;
+        }
         Route::Forward(queue) => {
             return forward(&s, &message, &msg.id, &msg.name, &queue, acker).await
         }
@@ -75,6 +84,7 @@ pub(super) async fn handle(s: Arc<Shared>, d: Delivery) {
         python
     } else {
         let v = decide::canvas_refusal(&msg, &canvas);
+        count_refused(&msg.name, &message, Some("NotImplementedError"));
         return conclude(s.backend.as_ref(), acker, &msg.id, v).await;
     };
     let mut req = s.state.received(&msg, &message);
@@ -229,6 +239,17 @@ pub(super) async fn handle(s: Arc<Shared>, d: Delivery) {
     drop(permit);
 }
 
+/// A delivery rejected without running (dead-lettered where the queue has a DLX): counted as
+/// celery-exporter's `rejected`, and as `failed` with the exception the client is told where
+/// Celery's worker sends `task-failed` for it (an unregistered task: `NotRegistered`).
+fn count_refused(name: &str, message: &RawMessage, failed: Option<&str>) {
+    let queue = &message.routing_key;
+    if let Some(exception) = failed {
+        telemetry::celery_task(CeleryState::Failed, name, queue, exception);
+    }
+    telemetry::celery_task(CeleryState::Rejected, name, queue, "");
+}
+
 /// Stage 3 applied: settles an expired or revoked message, holds one with a
 /// future ETA (outside the prefetch count) until it is due. `false` when the
 /// delivery ended here (settled, or left unacked at shutdown).
@@ -240,6 +261,8 @@ async fn admitted(s: &Shared, msg: &TaskMessage, acker: &dyn Acker, req: &Reques
         match decide::admit(msg, Utc::now(), s.state.is_revoked(&msg.id)) {
             Admit::Now => return true,
             Admit::Expired(v) => {
+                // Celery's `_announce_revoked('expired', ...)`: a `task-revoked` event.
+                req.revoked(true);
                 conclude(s.backend.as_ref(), acker, &msg.id, v).await;
                 return false;
             }

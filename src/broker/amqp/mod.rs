@@ -31,6 +31,7 @@
 //! | `consume.rs` | consumers, QoS and ETA holds, runtime add/cancel of queues |
 //! | `acker.rs` | `basic.ack` / `basic.reject` of one delivery |
 //! | `publish.rs` | `basic.publish` with one retry across a reconnect |
+//! | (here) | `queue_length`: a passive `queue.declare` for metrics |
 //! | `fanout.rs` | broadcast (pidbox) subscriptions that survive reconnects |
 //! | `properties.rs` | AMQP basic properties ↔ [`RawMessage`] / [`Outgoing`] |
 //! | `fields.rs` | the field-table codec (headers ↔ [`crate::protocol::Value`]) |
@@ -124,6 +125,33 @@ impl AmqpBroker {
         Ok(Self { inner })
     }
 
+    /// `queue.declare(passive)` on a channel of its own (a missing queue closes the channel
+    /// with 404, which must not touch the consumers' channels): the ready message count.
+    pub async fn queue_length(&self, queue: &str) -> Result<Option<u64>, BrokerError> {
+        let name = short(queue)?;
+        let session = self.inner.current().await?;
+        let channel = session.conn.create_channel().await.map_err(op_err)?;
+        let passive = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let declared = channel
+            .queue_declare(name, passive, lapin::types::FieldTable::default())
+            .await;
+        match declared {
+            Ok(q) => {
+                let _ = channel.close(200, ShortString::from("done")).await;
+                Ok(Some(u64::from(q.message_count())))
+            }
+            // The server closed the channel already.
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => {
+                let _ = channel.close(200, ShortString::from("done")).await;
+                Err(op_err(e))
+            }
+        }
+    }
+
     /// Declares kombu's entities for `queue` (exchange, queue, binding) on the
     /// live connection without consuming it.
     pub async fn declare_queue(&self, queue: &str) -> Result<(), BrokerError> {
@@ -147,6 +175,10 @@ impl Drop for AmqpBroker {
 impl Broker for AmqpBroker {
     async fn declare_queue(&self, name: &str) -> Result<(), BrokerError> {
         AmqpBroker::declare_queue(self, name).await
+    }
+
+    async fn queue_length(&self, queue: &str) -> Result<Option<u64>, BrokerError> {
+        AmqpBroker::queue_length(self, queue).await
     }
 
     async fn consume(
@@ -209,6 +241,13 @@ impl Broker for AmqpBroker {
 }
 
 /// A failed broker operation (declare, consume, cancel, …) as a [`BrokerError`].
+/// A channel closed by the server with `404 NOT_FOUND`.
+fn is_not_found(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(err)
+        if matches!(err.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
+}
+
 fn op_err(e: lapin::Error) -> BrokerError {
     BrokerError::Operation(e.to_string())
 }

@@ -64,6 +64,7 @@
 //! | `acker.rs` | ack / reject of one delivery |
 //! | `publish.rs` | `LPUSH` onto bound queues, `PUBLISH` for fanout exchanges |
 //! | `pubsub.rs` | broadcast subscriptions (`PSUBSCRIBE`) that survive drops |
+//! | `length.rs` | queue lengths (`LLEN` over the priority sub-queues) for metrics |
 
 mod acker;
 mod bindings;
@@ -71,6 +72,7 @@ mod connection;
 mod consume;
 mod holder;
 mod keys;
+mod length;
 mod options;
 mod publish;
 mod pubsub;
@@ -225,6 +227,10 @@ impl Drop for RedisBroker {
 impl Broker for RedisBroker {
     async fn declare_queue(&self, name: &str) -> Result<(), BrokerError> {
         RedisBroker::declare_queue(self, name).await
+    }
+
+    async fn queue_length(&self, queue: &str) -> Result<Option<u64>, BrokerError> {
+        self.shared.queue_length(queue).await.map(Some)
     }
 
     async fn consume(
