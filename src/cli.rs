@@ -134,6 +134,10 @@ pub struct WorkerFlags {
     /// Seconds running tasks get to finish on a warm shutdown.
     #[arg(long)]
     pub shutdown_grace: Option<u64>,
+    /// Seconds between worker heartbeat events (Celery's
+    /// `--heartbeat-interval`, default 2). Env: OM_WORKER_HEARTBEAT_INTERVAL.
+    #[arg(long)]
+    pub heartbeat_interval: Option<f64>,
     /// Address-space limit (RLIMIT_AS) of each kernel, in MiB: a notebook
     /// that allocates more gets MemoryError (or dies) instead of taking the
     /// host down. Off by default, like omega|ml's worker.

@@ -124,6 +124,8 @@ pub struct FileConfig {
     pub unknown_tasks: Option<String>,
     /// Warm-shutdown grace.
     pub shutdown_grace: Option<u64>,
+    /// Heartbeat event interval (s).
+    pub heartbeat_interval: Option<f64>,
     /// In-flight lease (s).
     pub lease_seconds: Option<u64>,
     /// Kernel RLIMIT_AS (MiB).
@@ -209,6 +211,8 @@ pub struct Config {
     pub unknown_tasks: UnknownTaskPolicy,
     /// Warm-shutdown grace (s).
     pub shutdown_grace: u64,
+    /// Seconds between `worker-heartbeat` events (sent as `freq`).
+    pub heartbeat_interval: f64,
     /// In-flight ledger lease (s): how long until a dead worker's task is re-queued.
     pub lease_seconds: u64,
     /// Kernel address-space limit (MiB); `None` = unlimited.
@@ -466,6 +470,12 @@ impl Config {
                 .unwrap_or(60),
             unknown_tasks,
             shutdown_grace: flags.shutdown_grace.or(file.shutdown_grace).unwrap_or(60),
+            heartbeat_interval: flags
+                .heartbeat_interval
+                .or_else(|| env_any(&["OM_WORKER_HEARTBEAT_INTERVAL"]).and_then(|v| v.parse().ok()))
+                .or(file.heartbeat_interval)
+                .filter(|s| s.is_finite() && *s >= 0.01)
+                .unwrap_or(crate::control::events::HEARTBEAT_FREQ),
             lease_seconds: flags
                 .lease_seconds
                 .or(file.lease_seconds)
@@ -569,6 +579,7 @@ impl Config {
             }),
         );
         line("shutdown_grace", self.shutdown_grace.to_string());
+        line("heartbeat_interval", self.heartbeat_interval.to_string());
         line("lease_seconds", self.lease_seconds.to_string());
         match self.kernel_memory_mb {
             Some(m) => line("kernel_memory_mb", m.to_string()),

@@ -124,6 +124,7 @@ pub async fn run_worker(config: Config) -> anyhow::Result<()> {
         Arc::clone(&state),
         registered,
         config.metrics_addr,
+        config.heartbeat_interval,
         services.token(),
     )
     .await?;

@@ -24,7 +24,8 @@ use crate::protocol::{Outgoing, Value};
 
 /// The events exchange.
 pub const EXCHANGE: &str = "celeryev";
-/// Heartbeat interval in seconds (Celery's `Heart.interval`, sent as `freq`).
+/// Default heartbeat interval in seconds (Celery's `Heart.interval`, sent
+/// as `freq`; `--heartbeat-interval` changes it).
 pub const HEARTBEAT_FREQ: f64 = 2.0;
 
 /// Routing key of an event type: `worker-heartbeat` → `worker.heartbeat`.
@@ -51,6 +52,7 @@ pub fn outgoing(event: &Json, nodename: &str) -> Outgoing {
 pub async fn start(
     broker: Arc<dyn Broker>,
     state: Arc<WorkerState>,
+    heartbeat: f64,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     let (tx, rx) = mpsc::unbounded_channel();
@@ -61,15 +63,23 @@ pub async fn start(
     {
         warn!("declaring exchange {EXCHANGE}: {e}; events may be lost");
     }
+    // An interval below 10 ms (or not a number) falls back to the default:
+    // a worker sending no heartbeats looks offline to every monitor.
+    let freq = if heartbeat.is_finite() && heartbeat >= 0.01 {
+        heartbeat
+    } else {
+        HEARTBEAT_FREQ
+    };
     let publisher = Publisher {
         broker,
         state: Arc::clone(&state),
         failing: false,
+        freq,
     };
     let mut publisher = publisher;
     publisher.worker("worker-online").await;
     info!(
-        "sending worker events every {HEARTBEAT_FREQ}s (task events {})",
+        "sending worker events every {freq}s (task events {})",
         if state.task_events() { "on" } else { "off" }
     );
     tokio::spawn(publisher.run(rx, stop))
@@ -80,11 +90,13 @@ struct Publisher {
     state: Arc<WorkerState>,
     /// True while publishes fail, so an outage is logged once.
     failing: bool,
+    /// Heartbeat interval (s), also sent as `freq`.
+    freq: f64,
 }
 
 impl Publisher {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<EventOut>, stop: CancellationToken) {
-        let period = Duration::from_secs_f64(HEARTBEAT_FREQ);
+        let period = Duration::from_secs_f64(self.freq);
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -114,7 +126,7 @@ impl Publisher {
     }
 
     async fn worker(&mut self, kind: &str) {
-        let ev = self.state.worker_event(kind, HEARTBEAT_FREQ);
+        let ev = self.state.worker_event(kind, self.freq);
         self.publish(&ev).await;
     }
 

@@ -46,6 +46,7 @@ pub async fn start(
     state: Arc<WorkerState>,
     registered: commands::Registered,
     metrics_addr: Option<SocketAddr>,
+    heartbeat: f64,
     stop: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, ControlError> {
     if let Some(addr) = metrics_addr {
@@ -61,5 +62,5 @@ pub async fn start(
         registered,
     });
     pidbox::start(ctx).await?;
-    Ok(events::start(broker, state, stop).await)
+    Ok(events::start(broker, state, heartbeat, stop).await)
 }
