@@ -81,7 +81,7 @@ impl NotebookRuntime {
 
 /// The notebook task: one pooled MongoDB client and one executor for all runs.
 pub async fn notebook_task(config: &Config) -> anyhow::Result<(RunOmegamlJob, NotebookRuntime)> {
-    let store = Store::connect(&config.mongo_url, Duration::from_secs(5))
+    let store = Store::connect(&config.mongo_client_url(), Duration::from_secs(5))
         .await
         .with_context(|| format!("MongoDB {}", mask_url(&config.mongo_url)))?;
     std::fs::create_dir_all(&config.tmp_dir)
@@ -195,7 +195,18 @@ fn kernel_launcher(
 /// worker gives its tasks, with the worker's own MongoDB, broker and result
 /// backend (a task's Celery app publishes callbacks and retries and counts
 /// chord parts there).
+///
+/// TLS set by flag or config file reaches them as the variables omega|ml
+/// reads (`OMEGA_USESSL`, `CA_CERTS_PATH`); set by environment they are
+/// inherited as they are.
 fn kernel_env(config: &Config) -> KernelEnv {
-    KernelEnv::omega(&config.mongo_url, Some(&config.broker_url))
-        .with("OMEGA_RESULT_BACKEND", &config.result_backend)
+    let mut env = KernelEnv::omega(&config.mongo_url, Some(&config.broker_url))
+        .with("OMEGA_RESULT_BACKEND", &config.result_backend);
+    if config.use_ssl {
+        env = env.with("OMEGA_USESSL", "1");
+    }
+    if let Some(ca) = &config.ca_certs_path {
+        env = env.with("CA_CERTS_PATH", ca.display().to_string());
+    }
+    env
 }

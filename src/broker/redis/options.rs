@@ -48,6 +48,9 @@ pub struct RedisOptions {
     /// `CLIENT SETNAME` for every connection, so operators (and tests) can
     /// tell the worker's connections apart in `CLIENT LIST`.
     pub client_name: Option<String>,
+    /// TLS (`rediss://`): what to trust and present (see [`crate::tls`]).
+    /// `None` with a `rediss://` URL trusts the system roots.
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 impl Default for RedisOptions {
@@ -68,6 +71,7 @@ impl Default for RedisOptions {
             restore_batch: 1000,
             max_backoff: Duration::from_secs(2),
             client_name: None,
+            tls: None,
         }
     }
 }
