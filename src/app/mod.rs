@@ -278,6 +278,11 @@ async fn ping_mongo(url: &str) -> anyhow::Result<()> {
     let mut opts = mongodb::options::ClientOptions::parse(url)
         .await
         .context("invalid MongoDB URL")?;
+    // As Store::connect and omega|ml (`directConnection=True`): the host in the URL, not the
+    // members a replica set advertises (whose names its certificate may not list).
+    if opts.hosts.len() == 1 && opts.direct_connection.is_none() {
+        opts.direct_connection = Some(true);
+    }
     opts.server_selection_timeout = Some(Duration::from_secs(5));
     opts.connect_timeout = Some(Duration::from_secs(5));
     let client = mongodb::Client::with_options(opts)?;
