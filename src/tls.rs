@@ -616,12 +616,10 @@ impl TlsFailure {
                 "certificate verification failed: the server's certificate was refused"
             }
             TlsFailure::ClientCertificateRefused => {
-                "the server refused the TLS handshake, most likely our client certificate \
+                "handshake refused by the server, most likely for our client certificate \
                  (check ssl_certfile / ssl_keyfile)"
             }
-            TlsFailure::NotTls => {
-                "TLS handshake failed: the server does not speak TLS on this port"
-            }
+            TlsFailure::NotTls => "handshake failed: the server does not speak TLS on this port",
         }
     }
 }

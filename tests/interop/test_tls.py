@@ -87,25 +87,47 @@ def pki(tmp_path_factory):
     _run(["openssl", "x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"),
           "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-out", str(d / "server.pem"), "-days", "2",
           "-extfile", str(d / "ext.cnf")])
+    # a client certificate for mutual TLS (ssl_certfile / ssl_keyfile)
+    _run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "client.key"),
+          "-out", str(d / "client.csr"), "-subj", "/CN=om-worker client"])
+    (d / "client.cnf").write_text("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+                                  "extendedKeyUsage=clientAuth\n")
+    _run(["openssl", "x509", "-req", "-in", str(d / "client.csr"), "-CA", str(d / "ca.pem"),
+          "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-out", str(d / "client.pem"), "-days", "2",
+          "-extfile", str(d / "client.cnf")])
     # readable by the servers whatever user they drop to
     for p in d.iterdir():
         p.chmod(0o644)
     return d
 
 
-@pytest.fixture(scope="module")
-def tls_redis(pki, tmp_path_factory):
-    d = tmp_path_factory.mktemp("redis-tls")
+def _redis_tls_server(pki, d, auth_clients):
     port = free_port()
     log = d / "redis.log"
     proc = subprocess.Popen(
         ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
          "--tls-cert-file", str(pki / "server.pem"), "--tls-key-file", str(pki / "server.key"),
-         "--tls-ca-cert-file", str(pki / "ca.pem"), "--tls-auth-clients", "no",
+         "--tls-ca-cert-file", str(pki / "ca.pem"), "--tls-auth-clients", auth_clients,
          "--save", "", "--appendonly", "no", "--dir", str(d)],
         stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    _wait_port(port, proc, "redis-server --tls-port", log)
+    return port, proc
+
+
+@pytest.fixture(scope="module")
+def tls_redis(pki, tmp_path_factory):
+    port, proc = _redis_tls_server(pki, tmp_path_factory.mktemp("redis-tls"), "no")
     try:
-        _wait_port(port, proc, "redis-server --tls-port", log)
+        yield port
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def tls_redis_mutual(pki, tmp_path_factory):
+    """A redis-server that requires a client certificate signed by our CA."""
+    port, proc = _redis_tls_server(pki, tmp_path_factory.mktemp("redis-mtls"), "yes")
+    try:
         yield port
     finally:
         _stop(proc)
@@ -297,3 +319,38 @@ def test_check_reports_tls_failure(om_worker_bin, tmp_path, pki, tls_redis):
     assert proc.returncode != 0, proc.stdout
     assert broker_line.startswith("FAILED"), proc.stdout
     assert "certificate verification failed" in broker_line, proc.stdout
+
+
+RELAXED = {
+    # ssl_check_hostname=false: the chain is verified (our CA), the name (127.0.0.1) is not
+    "rediss-check-hostname-false": "rediss://127.0.0.1:{redis}/0?ssl_cert_reqs=required&ssl_ca_certs={ca}"
+                                   "&ssl_check_hostname=false",
+    # ssl_cert_reqs=none: kombu's CERT_NONE, any certificate (here: signed by a CA we do not trust)
+    "rediss-cert-reqs-none": "rediss://127.0.0.1:{redis}/0?ssl_cert_reqs=none&ssl_ca_certs={other}",
+    "amqps-check-hostname-false": "amqps://guest:guest@127.0.0.1:{rabbit}//?ssl_ca_certs={ca}"
+                                  "&ssl_check_hostname=false",
+}
+
+
+@pytest.mark.parametrize("case", list(RELAXED))
+def test_relaxed_verification_connects(case, request, worker, names, pki, tls_redis):
+    """kombu's ssl_check_hostname=false and ssl_cert_reqs=none relax exactly what they say: the same
+    host names and CAs that fail start-up above connect."""
+    rabbit = request.getfixturevalue("tls_rabbit") if case.startswith("amqps") else None
+    url = RELAXED[case].format(redis=tls_redis, rabbit=rabbit, ca=pki / "ca.pem", other=pki / "other-ca.pem")
+    w = worker(url, [names.queue("tls")], extra=["--kernel-pool", "0", "--lazy-fork-server"])
+    assert w.consuming, w.log_tail()
+
+
+def test_client_certificate(worker, names, om_worker_bin, tmp_path, pki, tls_redis_mutual, mongo):
+    """Mutual TLS: ssl_certfile/ssl_keyfile are presented; without them the server's refusal is
+    named at start."""
+    base = f"rediss://localhost:{tls_redis_mutual}/0?ssl_cert_reqs=required&ssl_ca_certs={pki / 'ca.pem'}"
+    rc, took, out = _start_expecting_failure(
+        om_worker_bin, tmp_path, {"OMEGA_BROKER": base, "OMEGA_RESULT_BACKEND": "rpc://",
+                                  "OMEGA_MONGO_URL": mongo})
+    assert rc != 0, out[-4000:]
+    assert "TLS" in out and "client certificate" in out, f"({took:.1f}s)\n{out[-4000:]}"
+    url = f"{base}&ssl_certfile={pki / 'client.pem'}&ssl_keyfile={pki / 'client.key'}"
+    w = worker(url, [names.queue("tls")], extra=["--kernel-pool", "0", "--lazy-fork-server"])
+    assert w.consuming, w.log_tail()
