@@ -354,3 +354,14 @@ def test_client_certificate(worker, names, om_worker_bin, tmp_path, pki, tls_red
     url = f"{base}&ssl_certfile={pki / 'client.pem'}&ssl_keyfile={pki / 'client.key'}"
     w = worker(url, [names.queue("tls")], extra=["--kernel-pool", "0", "--lazy-fork-server"])
     assert w.consuming, w.log_tail()
+
+
+@pytest.mark.parametrize("url", ["amqps://guest:guest@127.0.0.1:5672//", "rediss://127.0.0.1:6379/0"],
+                         ids=["amqps", "rediss"])
+def test_tls_to_a_plain_port_fails_fast(url, om_worker_bin, tmp_path, mongo):
+    """TLS against the system's plain RabbitMQ/Redis ports: no hang, a line that says to suspect it."""
+    rc, took, out = _start_expecting_failure(
+        om_worker_bin, tmp_path, {"OMEGA_BROKER": url, "OMEGA_RESULT_BACKEND": "rpc://", "OMEGA_MONGO_URL": mongo})
+    assert rc != 0, out[-4000:]
+    assert "does not speak TLS on this port" in out or "does the server speak TLS on this port" in out, \
+        f"({took:.1f}s)\n{out[-4000:]}"

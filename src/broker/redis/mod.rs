@@ -186,7 +186,15 @@ impl RedisBroker {
             .await
             .map_err(|e| match e {
                 BrokerError::Connection(text) => BrokerError::Connection(
-                    crate::tls::explain("rediss", trust.as_deref(), &text).unwrap_or(text),
+                    match crate::tls::explain("rediss", trust.as_deref(), &text) {
+                        Some(line) => line,
+                        // A plain Redis never answers a TLS ClientHello: say what to suspect.
+                        None if trust.is_some() && text.contains("timed out") => format!(
+                            "{text} (no answer to the TLS handshake: does the server speak TLS \
+                             on this port?)"
+                        ),
+                        None => text,
+                    },
                 ),
                 other => other,
             })?;
