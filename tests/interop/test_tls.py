@@ -23,7 +23,9 @@ from conftest import ROOT, VENV, VENV_PY, _NO_CONFIG, free_port, short_id, worke
 from omega_scenarios import client_env
 
 SEED = ROOT / "scripts" / "seed.py"
-RABBIT_BIN = "/usr/lib/rabbitmq/bin"
+# RabbitMQ's own scripts, not Debian's /usr/sbin wrappers (those `su rabbitmq`, which would drop our
+# HOME, i.e. our node's own Erlang cookie).
+RABBIT_BIN = os.environ.get("OMW_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin")
 FAIL_FAST_S = 30
 
 
@@ -136,6 +138,9 @@ def tls_redis_mutual(pki, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tls_rabbit(pki, tmp_path_factory):
     """A second RabbitMQ node of our own with only a TLS listener; its own HOME (Erlang cookie)."""
+    if not os.access(f"{RABBIT_BIN}/rabbitmq-server", os.X_OK):
+        pytest.fail(f"{RABBIT_BIN}/rabbitmq-server not found: the amqps tests start a RabbitMQ node of "
+                    f"their own (set OMW_RABBITMQ_BIN to RabbitMQ's sbin/bin directory)", pytrace=False)
     d = tmp_path_factory.mktemp("rabbit-tls")
     port, dist = free_port(), free_port()
     node = f"omwtls{short_id()}@localhost"
