@@ -370,3 +370,26 @@ def test_tls_to_a_plain_port_fails_fast(url, om_worker_bin, tmp_path, mongo):
     assert rc != 0, out[-4000:]
     assert "does not speak TLS on this port" in out or "does the server speak TLS on this port" in out, \
         f"({took:.1f}s)\n{out[-4000:]}"
+
+
+def test_mongodb_result_backend_over_tls(worker, client_factory, names, pki, tls_mongo, check_ping):
+    """The opt-in mongodb:// result backend with OMEGA_USESSL/CA_CERTS_PATH: om-worker stores the
+    ping's result over TLS (as omega|ml's mongo_url() adds tls/tlsCAFile for Celery) and the Celery
+    client reads it back over TLS."""
+    import pymongo
+    q = names.queue("tls")
+    plain = f"mongodb://localhost:{tls_mongo}/omw_tls_be_{short_id()}"
+    tls_url = f"{plain}?tls=true&tlsCAFile={pki / 'ca.pem'}&directConnection=true"
+    db = pymongo.MongoClient(tls_url, serverSelectionTimeoutMS=10000).get_default_database()
+    # created up front, as in test_ping (SecantusDB and two concurrent collection creations)
+    db.celery_taskmeta.create_index("date_done", background=True)
+    redis_url = "redis://127.0.0.1:6379/0"
+    w = worker(redis_url, [q], backend=plain, extra=["--kernel-pool", "0", "--lazy-fork-server"],
+               env_extra=dict(_tls_env(pki), OMEGA_MONGO_URL=plain))
+    client = client_factory(redis_url, tls_url)
+    client.app.conf.mongodb_backend_settings = {"options": {"socketTimeoutMS": 30000,
+                                                            "serverSelectionTimeoutMS": 10000}}
+    res = client.ping(q)
+    check_ping(res.get(timeout=30), w.nodename)
+    doc = db.celery_taskmeta.find_one({"_id": res.id})
+    assert doc is not None and doc["status"] == "SUCCESS", doc
