@@ -76,6 +76,14 @@ pub struct WorkerFlags {
     /// omega|ml MongoDB URL (database = path). Env: OMEGA_MONGO_URL, MONGO_URL.
     #[arg(long)]
     pub mongo_url: Option<String>,
+    /// TLS for MongoDB and an `amqp://` broker, as omega|ml's OMEGA_USESSL
+    /// (`amqps://`/`rediss://` URLs use TLS anyway). Env: OMEGA_USESSL.
+    #[arg(long)]
+    pub use_ssl: bool,
+    /// CA bundle (PEM) for MongoDB TLS, also trusted besides the system roots
+    /// for broker/backend TLS (a URL's `ssl_ca_certs` replaces both). Env: CA_CERTS_PATH.
+    #[arg(long, value_name = "FILE")]
+    pub ca_certs: Option<PathBuf>,
     /// Python interpreter for kernels. Env: OM_WORKER_PYTHON.
     #[arg(long)]
     pub python: Option<String>,

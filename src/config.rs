@@ -334,10 +334,12 @@ impl Config {
                 reason,
             })?
             .unwrap_or(Serializer::Pickle);
-        let use_ssl = env_any(&["OMEGA_USESSL"])
-            .map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
-            .or(file.use_ssl)
-            .unwrap_or(false);
+        // omega|ml's `truefalse()`: true when it starts with y, t or 1 (any case).
+        let use_ssl = flags.use_ssl
+            || env_any(&["OMEGA_USESSL"])
+                .map(|v| v.to_ascii_lowercase().starts_with(['y', 't', '1']))
+                .or(file.use_ssl)
+                .unwrap_or(false);
         let gpus = match flags.gpus.as_deref().map(str::trim) {
             None | Some("") => Vec::new(),
             Some("auto") => env("CUDA_VISIBLE_DEVICES")
@@ -457,8 +459,10 @@ impl Config {
                 .or_else(|| file.tmp_dir.clone())
                 .unwrap_or_else(|| PathBuf::from("/tmp")),
             use_ssl,
-            ca_certs_path: env_any(&["CA_CERTS_PATH"])
-                .map(PathBuf::from)
+            ca_certs_path: flags
+                .ca_certs
+                .clone()
+                .or_else(|| env_any(&["CA_CERTS_PATH"]).map(PathBuf::from))
                 .or_else(|| file.ca_certs_path.clone()),
             visibility_timeout: flags
                 .visibility_timeout
@@ -506,6 +510,23 @@ impl Config {
                 .unwrap_or(60)
                 .max(1),
         })
+    }
+
+    /// The worker-wide TLS settings brokers and backends combine with their
+    /// URL's own (see [`crate::tls`]).
+    pub fn worker_tls(&self) -> crate::tls::WorkerTls {
+        crate::tls::WorkerTls {
+            use_ssl: self.use_ssl,
+            ca_certs: self.ca_certs_path.clone(),
+        }
+    }
+
+    /// The MongoDB URL om-worker's own client parses: `mongo_url` with
+    /// omega|ml's `OMEGA_USESSL`/`CA_CERTS_PATH` applied
+    /// ([`crate::tls::mongo_client_url`]). Kernels get `mongo_url` itself and
+    /// apply them through omega|ml.
+    pub fn mongo_client_url(&self) -> String {
+        crate::tls::mongo_client_url(&self.mongo_url, self.use_ssl, self.ca_certs_path.as_deref())
     }
 
     /// `concurrency × prefetch_multiplier`, capped to what AMQP can express.
@@ -568,6 +589,25 @@ impl Config {
         line("use_ssl", self.use_ssl.to_string());
         if let Some(p) = &self.ca_certs_path {
             line("ca_certs_path", quoted(&p.display().to_string()));
+        }
+        // What each connection will trust (paths only), from the URLs' own ssl_* parameters too.
+        let tls = self.worker_tls();
+        for (name, url) in [
+            ("broker", &self.broker_url),
+            ("result_backend", &self.result_backend),
+        ] {
+            match crate::tls::for_url(url, &tls) {
+                Ok((_, Some(s))) => line(&format!("# {name} tls"), quoted(&s.trust())),
+                Ok((_, None)) => {}
+                Err(e) => line(&format!("# {name} tls"), quoted(&format!("invalid: {e}"))),
+            }
+        }
+        if crate::tls::mongo_uses_tls(&self.mongo_client_url()) {
+            let trust = match &self.ca_certs_path {
+                Some(ca) if self.use_ssl => format!("CA file {}", ca.display()),
+                _ => "the URL's tlsCAFile, else system roots".to_owned(),
+            };
+            line("# mongo tls", quoted(&trust));
         }
         line("visibility_timeout", self.visibility_timeout.to_string());
         line("restore_interval", self.restore_interval.to_string());
@@ -759,6 +799,76 @@ mod tests {
         };
         let err = Config::resolve(&flags, &env(&[]), &FileConfig::default(), "h").unwrap_err();
         assert!(err.to_string().contains("unknown_tasks"), "{err}");
+    }
+
+    #[test]
+    fn tls_settings_as_omegaml_reads_them() {
+        let resolve = |flags: &WorkerFlags, e: &[(&str, &str)]| {
+            Config::resolve(flags, &env(e), &FileConfig::default(), "h").expect("resolves")
+        };
+        let c = resolve(&WorkerFlags::default(), &[]);
+        assert!(!c.use_ssl && c.ca_certs_path.is_none());
+        // omega|ml's truefalse(): starts with y, t or 1
+        for (v, want) in [
+            ("1", true),
+            ("true", true),
+            ("True", true),
+            ("yes", true),
+            ("0", false),
+            ("false", false),
+            ("on", false),
+        ] {
+            assert_eq!(
+                resolve(&WorkerFlags::default(), &[("OMEGA_USESSL", v)]).use_ssl,
+                want,
+                "{v}"
+            );
+        }
+        let c = resolve(
+            &WorkerFlags::default(),
+            &[
+                ("OMEGA_USESSL", "1"),
+                ("CA_CERTS_PATH", "/etc/ca.pem"),
+                ("OMEGA_MONGO_URL", "mongodb://u:pw@db:27017/omega"),
+                ("OMEGA_BROKER", "amqp://u:pw@mq:5672//"),
+            ],
+        );
+        assert_eq!(c.ca_certs_path.as_deref(), Some(Path::new("/etc/ca.pem")));
+        assert_eq!(
+            c.mongo_client_url(),
+            "mongodb://u:pw@db:27017/omega?tls=true&tlsCAFile=/etc/ca.pem"
+        );
+        let shown = c.render_masked();
+        assert!(shown.contains("use_ssl = true"), "{shown}");
+        assert!(shown.contains("ca_certs_path = \"/etc/ca.pem\""), "{shown}");
+        assert!(
+            shown.contains("# broker tls = \"system roots + CA file /etc/ca.pem\""),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("# mongo tls = \"CA file /etc/ca.pem\""),
+            "{shown}"
+        );
+        assert!(!shown.contains("pw"), "{shown}");
+        // flags win
+        let flags = WorkerFlags {
+            use_ssl: true,
+            ca_certs: Some("/flag.pem".into()),
+            ..Default::default()
+        };
+        let c = resolve(&flags, &[("CA_CERTS_PATH", "/env.pem")]);
+        assert!(c.use_ssl);
+        assert_eq!(c.ca_certs_path.as_deref(), Some(Path::new("/flag.pem")));
+        // a URL's ssl_* parameters are shown as what they mean
+        let flags = WorkerFlags {
+            broker: Some("rediss://:pw@r:6380/0?ssl_cert_reqs=required&ssl_ca_certs=/r.pem".into()),
+            ..Default::default()
+        };
+        let shown = resolve(&flags, &[]).render_masked();
+        assert!(
+            shown.contains("# broker tls = \"CA file /r.pem (ssl_ca_certs)\""),
+            "{shown}"
+        );
     }
 
     #[test]

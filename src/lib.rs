@@ -24,4 +24,5 @@ pub mod shutdown;
 pub mod store;
 pub mod tasks;
 pub mod telemetry;
+pub mod tls;
 pub mod worker;

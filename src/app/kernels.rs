@@ -81,7 +81,7 @@ impl NotebookRuntime {
 
 /// The notebook task: one pooled MongoDB client and one executor for all runs.
 pub async fn notebook_task(config: &Config) -> anyhow::Result<(RunOmegamlJob, NotebookRuntime)> {
-    let store = Store::connect(&config.mongo_url, Duration::from_secs(5))
+    let store = Store::connect(&config.mongo_client_url(), Duration::from_secs(5))
         .await
         .with_context(|| format!("MongoDB {}", mask_url(&config.mongo_url)))?;
     std::fs::create_dir_all(&config.tmp_dir)
@@ -195,7 +195,70 @@ fn kernel_launcher(
 /// worker gives its tasks, with the worker's own MongoDB, broker and result
 /// backend (a task's Celery app publishes callbacks and retries and counts
 /// chord parts there).
+///
+/// TLS set by flag or config file reaches them as the variables omega|ml
+/// reads (`OMEGA_USESSL`, `CA_CERTS_PATH`); set by environment they are
+/// inherited as they are.
+/// An `amqp(s)://` broker URL loses kombu's `ssl_*` parameters on the way:
+/// py-amqp takes its TLS options from `broker_use_ssl` and fails on them.
 fn kernel_env(config: &Config) -> KernelEnv {
-    KernelEnv::omega(&config.mongo_url, Some(&config.broker_url))
-        .with("OMEGA_RESULT_BACKEND", &config.result_backend)
+    let broker = match config.broker_url.split_once("://") {
+        Some(("amqp" | "amqps" | "pyamqp" | "pyamqps", _)) => {
+            crate::tls::split_ssl_params(&config.broker_url)
+                .map(|(url, _)| url)
+                .unwrap_or_else(|_| config.broker_url.clone())
+        }
+        _ => config.broker_url.clone(),
+    };
+    let mut env = KernelEnv::omega(&config.mongo_url, Some(&broker))
+        .with("OMEGA_RESULT_BACKEND", &config.result_backend);
+    if config.use_ssl {
+        env = env.with("OMEGA_USESSL", "1");
+    }
+    if let Some(ca) = &config.ca_certs_path {
+        env = env.with("CA_CERTS_PATH", ca.display().to_string());
+    }
+    env
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::WorkerFlags;
+    use crate::config::FileConfig;
+
+    fn config(flags: WorkerFlags) -> Config {
+        Config::resolve(&flags, &|_| None, &FileConfig::default(), "h").expect("resolves")
+    }
+
+    #[test]
+    fn kernels_get_tls_as_omegaml_reads_it() {
+        let c = config(WorkerFlags {
+            broker: Some(
+                "amqps://u:p@mq:5671//?ssl_ca_certs=/ca.pem&ssl_check_hostname=false".into(),
+            ),
+            use_ssl: true,
+            ca_certs: Some("/etc/ca.pem".into()),
+            ..Default::default()
+        });
+        let env = kernel_env(&c);
+        assert_eq!(
+            env.set.get("OMEGA_BROKER").map(String::as_str),
+            Some("amqps://u:p@mq:5671//"),
+            "py-amqp cannot take kombu's ssl_* URL parameters"
+        );
+        assert_eq!(env.set.get("OMEGA_USESSL").map(String::as_str), Some("1"));
+        assert_eq!(
+            env.set.get("CA_CERTS_PATH").map(String::as_str),
+            Some("/etc/ca.pem")
+        );
+        // Redis URLs keep them: kombu's Redis transport and Celery's backend read them.
+        let url = "rediss://r:6380/0?ssl_cert_reqs=required&ssl_ca_certs=/ca.pem";
+        let env = kernel_env(&config(WorkerFlags {
+            broker: Some(url.into()),
+            ..Default::default()
+        }));
+        assert_eq!(env.set.get("OMEGA_BROKER").map(String::as_str), Some(url));
+        assert!(!env.set.contains_key("OMEGA_USESSL"));
+    }
 }

@@ -31,6 +31,7 @@ pub async fn connect_broker(config: &Config) -> anyhow::Result<Arc<dyn Broker>> 
             holder_lease: Some(Duration::from_secs(config.lease_seconds.max(1))),
             ..Default::default()
         },
+        tls: config.worker_tls(),
         ..Default::default()
     };
     Ok(crate::broker::from_url(&config.broker_url, options).await?)
@@ -47,6 +48,7 @@ pub async fn connect_backend(
         &config.mongo_url,
         config.result_expires,
         config.result_serializer,
+        &config.worker_tls(),
     )
     .await
     .with_context(|| format!("result backend {}", mask_url(&config.result_backend)))
@@ -62,6 +64,19 @@ pub async fn run_worker(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let broker = connect_broker(&config).await?;
     let backend = connect_backend(&config, Arc::clone(&broker)).await?;
+    if crate::tls::mongo_uses_tls(&config.mongo_client_url()) {
+        probe_mongo_tls(&config.mongo_client_url(), &config.mongo_url, &config).await?;
+    }
+    if config.result_backend.starts_with("mongodb") {
+        let url = crate::tls::mongo_client_url(
+            &config.result_backend,
+            config.use_ssl,
+            config.ca_certs_path.as_deref(),
+        );
+        if crate::tls::mongo_uses_tls(&url) {
+            probe_mongo_tls(&url, &config.result_backend, &config).await?;
+        }
+    }
     // Kernel runtime dirs left by a worker that was SIGKILLed.
     let swept = crate::kernel::launcher::sweep_stale_runtime_dirs(Duration::from_secs(3600));
     if swept > 0 {
@@ -71,7 +86,7 @@ pub async fn run_worker(config: Config) -> anyhow::Result<()> {
     let (notebook, notebook_runtime) = kernels::notebook_task(&config).await?;
     registry.register(Arc::new(notebook));
     // Scheduled notebooks: their own (cheap) MongoDB pool, the shared broker.
-    let schedule_store = Store::connect(&config.mongo_url, Duration::from_secs(5))
+    let schedule_store = Store::connect(&config.mongo_client_url(), Duration::from_secs(5))
         .await
         .with_context(|| format!("MongoDB {}", mask_url(&config.mongo_url)))?;
     let default_queue = config.queues.first().cloned().unwrap_or_default();
@@ -142,7 +157,7 @@ pub async fn run_worker(config: Config) -> anyhow::Result<()> {
         );
     }
     // Crash safety for notebook tasks: the in-flight ledger and its sweeper.
-    let ledger_store = Store::connect(&config.mongo_url, Duration::from_secs(5))
+    let ledger_store = Store::connect(&config.mongo_client_url(), Duration::from_secs(5))
         .await
         .with_context(|| format!("MongoDB {}", mask_url(&config.mongo_url)))?;
     let lease = Duration::from_secs(config.lease_seconds);
@@ -202,7 +217,7 @@ pub async fn run_check(config: &Config) -> usize {
         broker_ok.map(|_| format!("connected to {}", mask_url(&config.broker_url))),
     );
 
-    let mongo = tokio::time::timeout(LIMIT, ping_mongo(&config.mongo_url))
+    let mongo = tokio::time::timeout(LIMIT, ping_mongo(&config.mongo_client_url()))
         .await
         .unwrap_or_else(|_| Err(no_answer(&config.mongo_url)));
     report(
@@ -235,11 +250,41 @@ pub async fn run_check(config: &Config) -> usize {
     failed
 }
 
+/// MongoDB is connected lazily and an outage at start is retried like any
+/// other, but a certificate the worker does not trust (or a server that does
+/// not speak TLS) is a configuration error that retrying never fixes: one
+/// ping at start, and a TLS failure ends start-up with a line that says what
+/// to fix. Any other failure is logged and left to the usual retries.
+async fn probe_mongo_tls(client_url: &str, url: &str, config: &Config) -> anyhow::Result<()> {
+    const LIMIT: Duration = Duration::from_secs(15);
+    let failure = match tokio::time::timeout(LIMIT, ping_mongo(client_url)).await {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(e)) => format!("{e:#}"),
+        Err(_) => format!("no answer within {LIMIT:?}"),
+    };
+    let trust = config
+        .ca_certs_path
+        .as_ref()
+        .map(|ca| format!("CA file {} (CA_CERTS_PATH)", ca.display()));
+    let service = format!("MongoDB {}", mask_url(url));
+    if let Some(line) = crate::tls::explain(&service, trust.as_deref(), &failure) {
+        bail!(line);
+    }
+    warn!(url = %mask_url(url), error = %failure,
+        "MongoDB not reachable at start; its operations are retried");
+    Ok(())
+}
+
 async fn ping_mongo(url: &str) -> anyhow::Result<()> {
     use mongodb::bson::doc;
     let mut opts = mongodb::options::ClientOptions::parse(url)
         .await
         .context("invalid MongoDB URL")?;
+    // As Store::connect and omega|ml (`directConnection=True`): the host in the URL, not the
+    // members a replica set advertises (whose names its certificate may not list).
+    if opts.hosts.len() == 1 && opts.direct_connection.is_none() {
+        opts.direct_connection = Some(true);
+    }
     opts.server_selection_timeout = Some(Duration::from_secs(5));
     opts.connect_timeout = Some(Duration::from_secs(5));
     let client = mongodb::Client::with_options(opts)?;

@@ -79,15 +79,36 @@ pub async fn from_url(
     mongo_url: &str,
     result_expires: u64,
     serializer: Serializer,
+    tls: &crate::tls::WorkerTls,
 ) -> Result<Arc<dyn ResultBackend>, BackendError> {
     let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or(url);
     match scheme {
         "rpc" => Ok(Arc::new(rpc::RpcBackend::new(broker, serializer))),
-        "redis" | "rediss" => Ok(Arc::new(
-            redis::RedisBackend::connect(url, result_expires, serializer).await?,
-        )),
+        "redis" | "rediss" => {
+            // kombu's ssl_* parameters as for the broker (Celery's Redis backend reads the same).
+            let (driver_url, settings) =
+                crate::tls::for_url(url, tls).map_err(|e| BackendError::InvalidUrl {
+                    url: crate::redact::mask_url(url),
+                    reason: e.to_string(),
+                })?;
+            Ok(Arc::new(
+                redis::RedisBackend::connect(
+                    &driver_url,
+                    settings.as_ref(),
+                    result_expires,
+                    serializer,
+                )
+                .await?,
+            ))
+        }
+        // omega|ml hands Celery a mongodb:// backend URL with its TLS kwargs added (`mongo_url()`).
         "mongodb" | "mongodb+srv" => Ok(Arc::new(
-            mongodb::MongoBackend::connect(url, mongo_url, serializer).await?,
+            mongodb::MongoBackend::connect(
+                &crate::tls::mongo_client_url(url, tls.use_ssl, tls.ca_certs.as_deref()),
+                mongo_url,
+                serializer,
+            )
+            .await?,
         )),
         other => Err(BackendError::InvalidUrl {
             url: crate::redact::mask_url(url),

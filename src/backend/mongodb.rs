@@ -52,6 +52,10 @@ impl MongoBackend {
         let mut opts = mongodb::options::ClientOptions::parse(url)
             .await
             .map_err(invalid)?;
+        // omega|ml's backend URL carries `directConnection=True` (OMEGA_MONGO_SSL_KWARGS).
+        if opts.hosts.len() == 1 && opts.direct_connection.is_none() {
+            opts.direct_connection = Some(true);
+        }
         // Fail a store within seconds when MongoDB is away (the worker retries).
         opts.server_selection_timeout = Some(std::time::Duration::from_secs(5));
         opts.connect_timeout = Some(std::time::Duration::from_secs(5));

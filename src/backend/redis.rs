@@ -40,19 +40,51 @@ pub struct RedisBackend {
 
 impl RedisBackend {
     /// Connects to the backend URL.
+    /// `tls` applies to a `rediss://` URL (ssl parameters already removed,
+    /// [`crate::tls::for_url`]); `None` there trusts the system roots.
     pub async fn connect(
         url: &str,
+        tls: Option<&crate::tls::TlsSettings>,
         expires: u64,
         serializer: Serializer,
     ) -> Result<Self, BackendError> {
-        let io = |e: redis::RedisError| BackendError::Io {
-            backend: "redis",
-            reason: format!("{} ({})", e, crate::redact::mask_url(url)),
+        let default_tls;
+        let tls = match (tls, url.starts_with("rediss://")) {
+            (_, false) => None,
+            (Some(s), true) => Some(s),
+            (None, true) => {
+                default_tls =
+                    crate::tls::TlsSettings::new(&Default::default(), None).map_err(|e| {
+                        BackendError::InvalidUrl {
+                            url: crate::redact::mask_url(url),
+                            reason: e.to_string(),
+                        }
+                    })?;
+                Some(&default_tls)
+            }
         };
-        let client = redis::Client::open(url).map_err(|e| BackendError::InvalidUrl {
-            url: crate::redact::mask_url(url),
-            reason: e.to_string(),
-        })?;
+        let trust = tls.map(crate::tls::TlsSettings::trust);
+        let io = |e: redis::RedisError| {
+            let text = e.to_string();
+            BackendError::Io {
+                backend: "redis",
+                reason: format!(
+                    "{} ({})",
+                    crate::tls::explain("rediss", trust.as_deref(), &text).unwrap_or(text),
+                    crate::redact::mask_url(url)
+                ),
+            }
+        };
+        let client = match tls {
+            Some(s) => s.redis_client(url).map_err(|e| BackendError::InvalidUrl {
+                url: crate::redact::mask_url(url),
+                reason: e.to_string(),
+            })?,
+            None => redis::Client::open(url).map_err(|e| BackendError::InvalidUrl {
+                url: crate::redact::mask_url(url),
+                reason: e.to_string(),
+            })?,
+        };
         let conn = ConnectionManager::new_with_config(client, manager_config())
             .await
             .map_err(io)?;

@@ -116,6 +116,9 @@ pub struct BrokerOptions {
     pub amqp: amqp::AmqpOptions,
     /// For `redis://` and `rediss://` URLs.
     pub redis: redis::RedisOptions,
+    /// `OMEGA_USESSL` and the worker-wide CA; with the URL's kombu `ssl_*`
+    /// parameters they decide the connection's TLS ([`crate::tls::for_url`]).
+    pub tls: crate::tls::WorkerTls,
 }
 
 /// Connects to the broker `url` names, as [`crate::backend::from_url`] does
@@ -125,8 +128,10 @@ pub struct BrokerOptions {
 ///
 /// A connection error comes back as [`BrokerError::AtUrl`], naming the
 /// (masked) URL, so a caller can report it as is.
-pub async fn from_url(url: &str, options: BrokerOptions) -> Result<Arc<dyn Broker>, BrokerError> {
-    let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
+pub async fn from_url(
+    url: &str,
+    mut options: BrokerOptions,
+) -> Result<Arc<dyn Broker>, BrokerError> {
     let at = |url: &str| {
         let url = mask_url(url);
         move |e| BrokerError::AtUrl {
@@ -134,18 +139,23 @@ pub async fn from_url(url: &str, options: BrokerOptions) -> Result<Arc<dyn Broke
             source: Box::new(e),
         }
     };
+    let (driver_url, tls) = crate::tls::for_url(url, &options.tls)
+        .map_err(|e| at(url)(BrokerError::InvalidUrl(e.to_string())))?;
+    let scheme = driver_url.split_once("://").map(|(s, _)| s).unwrap_or("");
     match scheme {
-        "amqp" | "amqps" | "pyamqp" => {
-            let url = url.replacen("pyamqp://", "amqp://", 1);
+        "amqp" | "amqps" | "pyamqp" | "pyamqps" => {
+            let url = driver_url.replacen("pyamqp://", "amqp://", 1);
+            options.amqp.tls = tls.or(options.amqp.tls);
             let broker = amqp::AmqpBroker::connect(&url, options.amqp)
                 .await
                 .map_err(at(&url))?;
             Ok(Arc::new(broker))
         }
         "redis" | "rediss" => {
-            let broker = redis::RedisBroker::connect(url, options.redis)
+            options.redis.tls = tls.or(options.redis.tls);
+            let broker = redis::RedisBroker::connect(&driver_url, options.redis)
                 .await
-                .map_err(at(url))?;
+                .map_err(at(&driver_url))?;
             Ok(Arc::new(broker))
         }
         _ => Err(BrokerError::UnsupportedScheme(mask_url(url))),

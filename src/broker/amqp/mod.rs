@@ -79,6 +79,10 @@ pub struct AmqpBroker {
 struct Inner {
     uri: AMQPUri,
     masked_url: String,
+    /// The TLS client configuration of an `amqps://` URL, built once at
+    /// connect (so an unreadable CA file fails start-up), and what it trusts
+    /// (for error messages).
+    tls: Option<(Arc<rustls::ClientConfig>, String)>,
     options: AmqpOptions,
     /// The live session, replaced by the supervisor after a reconnect.
     session: Mutex<Option<Arc<Session>>>,
@@ -105,9 +109,24 @@ impl AmqpBroker {
     /// forever.
     pub async fn connect(url: &str, options: AmqpOptions) -> Result<Self, BrokerError> {
         let uri = self::url::parse_url(url, &options)?;
+        let tls = match uri.scheme {
+            lapin::uri::AMQPScheme::AMQPS => {
+                let settings = match &options.tls {
+                    Some(s) => s.clone(),
+                    None => crate::tls::TlsSettings::new(&Default::default(), None)
+                        .map_err(|e| BrokerError::InvalidUrl(e.to_string()))?,
+                };
+                let config = settings
+                    .rustls_config()
+                    .map_err(|e| BrokerError::Connection(e.to_string()))?;
+                Some((config, settings.trust()))
+            }
+            lapin::uri::AMQPScheme::AMQP => None,
+        };
         let inner = Arc::new(Inner {
             uri,
             masked_url: mask_url(url),
+            tls,
             options,
             session: Mutex::new(None),
             live_generation: AtomicU64::new(0),

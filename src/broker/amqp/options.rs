@@ -22,6 +22,9 @@ pub struct AmqpOptions {
     pub max_backoff: Duration,
     /// `connection_name` client property shown in the management UI.
     pub connection_name: Option<String>,
+    /// TLS (`amqps://`): what to trust and present (see [`crate::tls`]).
+    /// `None` with an `amqps://` URL trusts the system roots.
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 impl Default for AmqpOptions {
@@ -32,6 +35,7 @@ impl Default for AmqpOptions {
             connect_timeout: Duration::from_secs(10),
             max_backoff: Duration::from_secs(2),
             connection_name: None,
+            tls: None,
         }
     }
 }

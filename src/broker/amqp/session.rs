@@ -50,13 +50,23 @@ impl Inner {
         if let Some(name) = &self.options.connection_name {
             props = props.with_connection_name(LongString::from(name.as_str()));
         }
+        let connect = async {
+            match &self.tls {
+                None => Connection::connect_uri(self.uri.clone(), props).await,
+                Some((config, _)) => connect_tls(self.uri.clone(), Arc::clone(config), props).await,
+            }
+        };
         let conn = tokio::time::timeout(
             self.options.connect_timeout + Duration::from_secs(1),
-            Connection::connect_uri(self.uri.clone(), props),
+            connect,
         )
         .await
         .map_err(|_| BrokerError::Connection("timed out connecting to the AMQP broker".into()))?
-        .map_err(|e| BrokerError::Connection(e.to_string()))?;
+        .map_err(|e| {
+            let text = e.to_string();
+            let trust = self.tls.as_ref().map(|(_, t)| t.as_str());
+            BrokerError::Connection(crate::tls::explain("amqps", trust, &text).unwrap_or(text))
+        })?;
         let publish = conn
             .create_channel()
             .await
@@ -103,6 +113,33 @@ impl Inner {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// Connects over TLS with om-worker's own rustls configuration (what to
+/// trust, `ssl_cert_reqs`, `ssl_check_hostname`, client certificates):
+/// lapin's `OwnedTLSConfig` can only add CAs to the system roots.
+async fn connect_tls(
+    uri: lapin::uri::AMQPUri,
+    config: Arc<rustls::ClientConfig>,
+    props: ConnectionProperties,
+) -> lapin::Result<Connection> {
+    let runtime = lapin::runtime::default_runtime()?;
+    let connector = lapin::tcp::RustlsConnector::from(config);
+    Connection::connector(
+        uri,
+        runtime,
+        async move |uri, runtime| {
+            let host = uri.authority.host.clone();
+            let addrs: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), uri.authority.port))
+                    .await?
+                    .collect();
+            let plain = lapin::tcp::AsyncTcpStream::connect(&runtime, addrs).await?;
+            Ok(plain.into_rustls(&connector, &host).await?)
+        },
+        props,
+    )
+    .await
 }
 
 /// Reconnects whenever the live session dies, until shutdown.

@@ -180,14 +180,42 @@ impl RedisBroker {
             Some(rest) => format!("unix://{rest}"),
             None => url.to_owned(),
         };
-        let client = Client::open(url_fixed.as_str())
-            .map_err(|e| BrokerError::InvalidUrl(format!("{masked_url}: {:?}", e.kind())))?;
+        let tls = match (&options.tls, url_fixed.starts_with("rediss://")) {
+            (Some(s), true) => Some(s.clone()),
+            (None, true) => Some(
+                crate::tls::TlsSettings::new(&Default::default(), None)
+                    .map_err(|e| BrokerError::InvalidUrl(e.to_string()))?,
+            ),
+            (_, false) => None,
+        };
+        let client = match &tls {
+            Some(s) => s
+                .redis_client(&url_fixed)
+                .map_err(|e| BrokerError::InvalidUrl(format!("{masked_url}: {e}")))?,
+            None => Client::open(url_fixed.as_str())
+                .map_err(|e| BrokerError::InvalidUrl(format!("{masked_url}: {:?}", e.kind())))?,
+        };
+        let trust = tls.as_ref().map(crate::tls::TlsSettings::trust);
         let db = client.get_connection_info().redis_settings().db();
         let shared = Arc::new(Shared::new(options, masked_url, db, client));
         let pong: String = shared
             .cmd
             .query("PING", 1, Request::Cmd(&redis::cmd("PING")))
-            .await?;
+            .await
+            .map_err(|e| match e {
+                BrokerError::Connection(text) => BrokerError::Connection(
+                    match crate::tls::explain("rediss", trust.as_deref(), &text) {
+                        Some(line) => line,
+                        // A plain Redis never answers a TLS ClientHello: say what to suspect.
+                        None if trust.is_some() && text.contains("timed out") => format!(
+                            "{text} (no answer to the TLS handshake: does the server speak TLS \
+                             on this port?)"
+                        ),
+                        None => text,
+                    },
+                ),
+                other => other,
+            })?;
         debug!(reply = %pong, "Redis PING");
         info!(url = %shared.masked_url, "connected to Redis broker");
         Ok(Self { shared })

@@ -53,6 +53,9 @@ pub struct RedisOptions {
     /// about this long after it died (see `holder.rs`). `None` leaves them
     /// to the visibility timeout, as kombu does.
     pub holder_lease: Option<Duration>,
+    /// TLS (`rediss://`): what to trust and present (see [`crate::tls`]).
+    /// `None` with a `rediss://` URL trusts the system roots.
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 impl Default for RedisOptions {
@@ -74,6 +77,7 @@ impl Default for RedisOptions {
             max_backoff: Duration::from_secs(2),
             client_name: None,
             holder_lease: Some(Duration::from_secs(60)),
+            tls: None,
         }
     }
 }
