@@ -120,6 +120,9 @@ struct Shared {
     /// The queues the consume loop polls; changed at runtime by
     /// `add_queue`/`cancel_queue` (remote control), read once per BRPOP.
     live_queues: std::sync::Mutex<Vec<String>>,
+    /// The consume loop's prefetch limit (`None`: unlimited); resized at
+    /// runtime by `set_prefetch` (remote control `pool_grow`/`pool_shrink`).
+    prefetch: std::sync::Mutex<Option<Arc<crate::gate::Gate>>>,
 }
 
 impl Shared {
@@ -148,6 +151,7 @@ impl Shared {
             restore_script: Script::new(RESTORE_CAS),
             mutex_script: Script::new(MUTEX_RELEASE),
             live_queues: std::sync::Mutex::new(Vec::new()),
+            prefetch: std::sync::Mutex::new(None),
         }
     }
 }
@@ -221,6 +225,10 @@ impl Broker for RedisBroker {
 
     async fn stop_consuming(&self) -> Result<(), BrokerError> {
         self.shared.stop_consuming().await
+    }
+
+    async fn set_prefetch(&self, prefetch: u16) -> Result<(), BrokerError> {
+        self.shared.set_prefetch(prefetch).await
     }
 
     async fn publish(
