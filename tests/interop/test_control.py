@@ -310,7 +310,7 @@ def control(app, node, method, timeout=10, **arguments):
     return None
 
 
-def tasks_worker(worker, broker, q, tmp_path, concurrency):
+def tasks_worker(worker, broker, q, tmp_path, concurrency, extra=()):
     """An om-worker that runs the test tasks (tests/interop/support/om_test_tasks), as an operator
     registers them with omega|ml (OMEGA_CELERY_IMPORTS), their names listed (for time_limit and
     rate_limit, which answer 'unknown task' for a name the worker does not have)."""
@@ -318,7 +318,7 @@ def tasks_worker(worker, broker, q, tmp_path, concurrency):
     conf.write_text("OMEGA_CELERY_IMPORTS:\n" + "".join(
         f"  - {m}\n" for m in ["omegaml", "omegaml.notebook", "omegaml.backends.package",
                                "omegaml.backends.monitoring", "om_test_tasks"]))
-    w = worker(broker.url, [q], concurrency=concurrency, extra=["--kernel-pool", "0"],
+    w = worker(broker.url, [q], concurrency=concurrency, extra=["--kernel-pool", "0", *extra],
                env_extra={"PYTHONPATH": str(SUPPORT), "OMEGA_CONFIG_FILE": str(conf)})
     wait_until(lambda: "python tasks (one fresh child process per task)" in w.log(), 120,
                "the Python tasks listed")
@@ -342,21 +342,28 @@ def overlap(a, b):
 def test_pool_grow_shrink_time_limit_rate_limit(broker, worker, client_factory, q, tmp_path):
     """pool_grow/pool_shrink change how many tasks run at once, live, without losing or interrupting
     one; time_limit and rate_limit apply to later tasks of that name; replies as Celery's."""
-    w = tasks_worker(worker, broker, q, tmp_path, concurrency=1)
+    w = tasks_worker(worker, broker, q, tmp_path, concurrency=1, extra=["--prefetch-multiplier", "1"])
     node = w.nodename
     client = client_factory(broker.url)
     app = client.app
 
-    # -c 1: one at a time.
-    a, b = run_sleeps(client, q, 2, 2)
-    assert not overlap(a, b), (a, b)
+    # -c 1, prefetch 1 × 1: one running (acked at start), one prefetched, two left on the queue.
+    four = [client.send(SLEEPS, q, args=(12,)) for _ in range(4)]
+    wait_until(lambda: len(inspect(app, node, "active", timeout=3) or []) == 1, 60, "one task running")
+    wait_until(lambda: broker.queue_state(q)["ready"] == 2, 30, "one running, one prefetched, two ready")
+    time.sleep(1)
+    assert broker.queue_state(q)["ready"] == 2 and len(inspect(app, node, "active")) == 1
 
     assert control(app, node, "pool_grow", n=1) == {"ok": "pool will grow"}
+    # The second slot takes the prefetched one; the prefetch (now 2 × 1) takes the other two, long
+    # before the first task ends (12 s) and would free a place under the old prefetch of 1.
+    wait_until(lambda: broker.queue_state(q)["ready"] == 0, 6, "the prefetch followed the concurrency")
     stats = inspect(app, node, "stats")
     assert stats["pool"]["max-concurrency"] == 2 and len(stats["pool"]["processes"]) == 2, stats
-    assert stats["prefetch_count"] == 8, stats
-    a, b = run_sleeps(client, q, 4, 2)
-    assert overlap(a, b), f"after pool_grow two sleeping tasks run at once: {a} {b}"
+    assert stats["prefetch_count"] == 2, stats
+    done = [r.get(timeout=120) for r in four]
+    assert all(r.state == "SUCCESS" for r in four), [r.state for r in four]
+    assert overlap(done[0], done[1]), f"after pool_grow two sleeping tasks run at once: {done}"
 
     # Shrink while two run: both finish undisturbed; the next ones run one at a time, after them.
     running = [client.send(SLEEPS, q, args=(4,)) for _ in range(2)]
@@ -370,7 +377,7 @@ def test_pool_grow_shrink_time_limit_rate_limit(broker, worker, client_factory, 
     assert not overlap(*rest), f"after pool_shrink one at a time: {rest}"
     assert min(x["start"] for x in rest) >= min(x["end"] for x in first) - 0.05, (first, rest)
     stats = inspect(app, node, "stats")
-    assert stats["pool"]["max-concurrency"] == 1 and stats["prefetch_count"] == 4, stats
+    assert stats["pool"]["max-concurrency"] == 1 and stats["prefetch_count"] == 1, stats
     # Below one slot: refused, nothing changed.
     reply = control(app, node, "pool_shrink", n=1)
     assert set(reply) == {"error"} and "shrink" in reply["error"], reply
