@@ -413,7 +413,7 @@ def test_pool_grow_shrink_time_limit_rate_limit(broker, worker, client_factory, 
     assert w.alive()
 
 
-def test_conf_report_aliases_and_unsupported_pool_commands(broker, worker, client_factory, q):
+def test_conf_report_aliases_and_unsupported_pool_commands(broker, worker, client_factory, q, mongo, tmp_path):
     """conf (alias dump_conf) has the keys omega|ml's Celery worker answers with and no password;
     report is a bug-report text; Celery's dump_* aliases answer as their commands; autoscale and
     pool_restart answer as Celery's worker without an autoscaler / pool restarts; query_task says
@@ -456,6 +456,11 @@ def test_conf_report_aliases_and_unsupported_pool_commands(broker, worker, clien
     app.control.revoke(res.id)
     res.get(timeout=30, propagate=False)
     assert control(app, node, "dump_revoked") == [res.id]
+
+    # What `om runtime celery control pool_grow N` runs: Celery's CLI on omega|ml's app.
+    (rc, out), = celery_cli(tmp_path, broker, mongo, ("control", "pool_grow", "2", "-d", node, "--timeout", "10"))
+    assert rc == 0 and f"{node}: OK" in out and "pool will grow" in out, out
+    assert inspect(app, node, "stats")["pool"]["max-concurrency"] == 4
     assert w.alive()
 
 
