@@ -540,6 +540,8 @@ impl Config {
             "CELERY_SEND_EVENTS": self.task_events,
             "CELERY_QUEUES": self.queues,
             "CELERY_DISABLE_RATE_LIMITS": false,
+            // Set by Celery's `worker` command.
+            "worker_disable_prefetch": false,
         })
     }
 

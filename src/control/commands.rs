@@ -271,6 +271,22 @@ fn registered(ctx: &Context, args: &Value) -> Json {
     json!(infos)
 }
 
+/// `conf`: the settings, with `include` (the task modules Celery's worker
+/// imported) from the task names registered now.
+fn conf(ctx: &Context) -> Json {
+    let mut settings = ctx.state.settings();
+    let mut modules: Vec<String> = (ctx.registered)()
+        .iter()
+        .filter_map(|n| n.rsplit_once('.').map(|(m, _)| m.to_owned()))
+        .collect();
+    modules.sort();
+    modules.dedup();
+    if let Json::Object(m) = &mut settings {
+        m.insert("include".into(), json!(modules));
+    }
+    settings
+}
+
 /// `revoke` / `terminate`.
 fn revoke(st: &WorkerState, ids: &[String], terminate: bool) -> Json {
     let terminated = st.revoke(ids, terminate);
@@ -492,7 +508,7 @@ pub async fn dispatch(ctx: &Context, method: &str, args: &Value) -> Option<Json>
         "scheduled" => Json::Array(st.scheduled()),
         "stats" => stats(st),
         "registered" => registered(ctx, args),
-        "conf" => st.settings(),
+        "conf" => conf(ctx),
         "report" => report(st),
         "revoke" => {
             let Some(ids) = str_list(arg(args, "task_id")) else {

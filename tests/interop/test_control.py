@@ -504,3 +504,56 @@ def test_disable_enable_events_and_heartbeat(broker, worker, client_factory, q, 
         assert time.monotonic() - t0 < 5
     finally:
         cap.close()
+
+
+def test_replies_match_celerys_worker(worker, client_factory, names, mongo, tmp_path):
+    """The same commands to om-worker and to omega|ml's Python Celery worker (prefork, no -E, no
+    autoscaler; heartbeats on, so it has an event dispatcher) on RabbitMQ: the same replies."""
+    from conftest import AMQP_URL, HOSTNAME, Broker, WorkerProc, short_id, wait_ready
+    broker = Broker("amqp")
+    om = worker(broker.url, [names.queue()], concurrency=2)
+    py_q = names.queue()
+    py_name = f"omwpy-{short_id()}@%h"
+    wdir = tmp_path / "py-worker"
+    wdir.mkdir()
+    py = WorkerProc([str(VENV / "bin" / "celery"), "--app", "omegaml.celeryapp", "worker", "-Q", py_q, "-c", "2",
+                     "-n", py_name, "-l", "info", "--without-gossip", "--without-mingle"],
+                    worker_env(wdir, AMQP_URL, "rpc://", mongo, {"C_FORCE_ROOT": "1"}), wdir / "celery.log",
+                    py_name.replace("%h", HOSTNAME))
+    py.impl = "python"
+    try:
+        wait_ready(py, timeout=120)
+        app = client_factory(broker.url).app
+        ping = "omegaml.tasks.omega_ping"
+        commands = [
+            ("pool_grow", {"n": 1}), ("pool_shrink", {"n": 1}),
+            ("time_limit", {"task_name": ping, "soft": 10.0, "hard": 20.0}),
+            ("time_limit", {"task_name": "no.such.task", "soft": 1.0, "hard": 2.0}),
+            ("rate_limit", {"task_name": ping, "rate_limit": "10/m"}),
+            ("rate_limit", {"task_name": ping, "rate_limit": "x/m"}),
+            ("rate_limit", {"task_name": ping, "rate_limit": "5/d"}),
+            ("rate_limit", {"task_name": "no.such.task", "rate_limit": "1/s"}),
+            ("autoscale", {"max": 4, "min": 1}), ("pool_restart", {}),
+            ("enable_events", {}), ("enable_events", {}), ("disable_events", {}), ("disable_events", {}),
+            ("heartbeat", {}), ("query_task", {"ids": ["no-such-id"]}), ("dump_revoked", {}),
+            ("dump_schedule", {}), ("dump_reserved", {}), ("dump_active", {}),
+        ]
+        diffs = []
+        for method, arguments in commands:
+            mine = control(app, om.nodename, method, **arguments)
+            theirs = control(app, py.nodename, method, **arguments)
+            if mine != theirs:
+                diffs.append(f"{method} {arguments}: om-worker {mine!r} != celery {theirs!r}")
+        assert not diffs, "\n".join(diffs)
+        # registered shows the rate limit the same way (set above, then not disabled).
+        assert f"{ping} [rate_limit=10/m]" in control(app, om.nodename, "registered")
+        assert f"{ping} [rate_limit=10/m]" in control(app, py.nodename, "registered")
+        # conf: every key the Python worker answers with.
+        py_conf = control(app, py.nodename, "conf")
+        missing = set(py_conf) - set(control(app, om.nodename, "conf"))
+        assert not missing, {k: py_conf[k] for k in missing}
+        assert control(app, om.nodename, "stats")["pool"]["max-concurrency"] == \
+            control(app, py.nodename, "stats")["pool"]["max-concurrency"] == 2
+    finally:
+        py.terminate()
+        broker.cleanup([py_q], [])
