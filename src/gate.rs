@@ -12,22 +12,25 @@
 //! already held (a running task is never interrupted; it just frees one slot
 //! fewer for the waiters when it ends).
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::Notify;
+use tokio::sync::oneshot;
 
-/// A resizable counting semaphore (see the module docs).
+/// A resizable counting semaphore (see the module docs). Waiters are served
+/// in arrival order, one at a time, as tokio's semaphore serves them: a
+/// returned permit goes straight to the oldest waiter still waiting.
 #[derive(Debug)]
 pub struct Gate {
     state: Mutex<GateState>,
-    /// Woken when a permit is returned or the limit grows.
-    changed: Notify,
 }
 
 #[derive(Debug)]
 struct GateState {
     limit: usize,
     held: usize,
+    /// Waiting acquisitions, oldest first; a dropped one is skipped.
+    waiters: VecDeque<oneshot::Sender<GatePermit>>,
 }
 
 /// One permit of a [`Gate`]; returned when dropped.
@@ -42,7 +45,7 @@ impl Drop for GatePermit {
             let mut s = self.gate.lock();
             s.held = s.held.saturating_sub(1);
         }
-        self.gate.changed.notify_waiters();
+        self.gate.hand_over();
     }
 }
 
@@ -50,8 +53,11 @@ impl Gate {
     /// A gate letting `limit` permits out at once.
     pub fn new(limit: usize) -> Arc<Self> {
         Arc::new(Gate {
-            state: Mutex::new(GateState { limit, held: 0 }),
-            changed: Notify::new(),
+            state: Mutex::new(GateState {
+                limit,
+                held: 0,
+                waiters: VecDeque::new(),
+            }),
         })
     }
 
@@ -60,10 +66,38 @@ impl Gate {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A permit now, if fewer than the limit are out.
+    /// Gives free permits to the oldest waiters.
+    fn hand_over(self: &Arc<Self>) {
+        // A waiter that went away between the check and the send gives its
+        // permit back here, dropped once the lock is released.
+        let mut returned = Vec::new();
+        {
+            let mut s = self.lock();
+            while s.held < s.limit {
+                let Some(tx) = s.waiters.pop_front() else {
+                    break;
+                };
+                if tx.is_closed() {
+                    continue;
+                }
+                s.held += 1;
+                if let Err(p) = tx.send(GatePermit {
+                    gate: Arc::clone(self),
+                }) {
+                    returned.push(p);
+                }
+            }
+        }
+        drop(returned);
+    }
+
+    /// A permit now, if fewer than the limit are out and nobody waits.
     pub fn try_acquire(self: &Arc<Self>) -> Option<GatePermit> {
         let mut s = self.lock();
-        if s.held < s.limit {
+        while s.waiters.front().is_some_and(|w| w.is_closed()) {
+            s.waiters.pop_front();
+        }
+        if s.held < s.limit && s.waiters.is_empty() {
             s.held += 1;
             Some(GatePermit {
                 gate: Arc::clone(self),
@@ -73,18 +107,24 @@ impl Gate {
         }
     }
 
-    /// Waits for a permit. Cancel-safe: dropping the future takes nothing.
+    /// Waits for a permit, after those who waited first. Cancel-safe:
+    /// dropping the future takes nothing (a permit already handed to it is
+    /// returned).
     pub async fn acquire(self: &Arc<Self>) -> GatePermit {
         loop {
-            // Registered before the check, so a release between the check
-            // and the wait is not missed.
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
             if let Some(p) = self.try_acquire() {
                 return p;
             }
-            notified.await;
+            let rx = {
+                let (tx, rx) = oneshot::channel();
+                self.lock().waiters.push_back(tx);
+                rx
+            };
+            // Between the check and the push a permit may have come back.
+            self.hand_over();
+            if let Ok(p) = rx.await {
+                return p;
+            }
         }
     }
 
@@ -98,14 +138,14 @@ impl Gate {
         self.lock().held
     }
 
-    /// Raises the limit by `n` and wakes the waiters; returns the new limit.
-    pub fn grow(&self, n: usize) -> usize {
+    /// Raises the limit by `n` and serves the waiters; returns the new limit.
+    pub fn grow(self: &Arc<Self>, n: usize) -> usize {
         let limit = {
             let mut s = self.lock();
             s.limit = s.limit.saturating_add(n);
             s.limit
         };
-        self.changed.notify_waiters();
+        self.hand_over();
         limit
     }
 
@@ -123,15 +163,13 @@ impl Gate {
         }
     }
 
-    /// Sets the limit; waiters are woken when it grew. Returns the old one.
-    pub fn set_limit(&self, limit: usize) -> usize {
+    /// Sets the limit and serves the waiters it lets through. Returns the old one.
+    pub fn set_limit(self: &Arc<Self>, limit: usize) -> usize {
         let old = {
             let mut s = self.lock();
             std::mem::replace(&mut s.limit, limit)
         };
-        if limit > old {
-            self.changed.notify_waiters();
-        }
+        self.hand_over();
         old
     }
 }
@@ -171,6 +209,33 @@ mod tests {
         assert_eq!(g.shrink(2, 1), Ok(1));
         assert_eq!(g.shrink(1, 1), Err(1), "never below the minimum");
         assert_eq!(g.limit(), 1);
+    }
+
+    #[tokio::test]
+    async fn waiters_are_served_in_order() {
+        let g = Gate::new(1);
+        let first = g.try_acquire().expect("free");
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut joins = Vec::new();
+        for i in 0..5 {
+            let (g2, order) = (Arc::clone(&g), Arc::clone(&order));
+            joins.push(tokio::spawn(async move {
+                let _p = g2.acquire().await;
+                order.lock().expect("lock").push(i);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }));
+            // Queued one after the other.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(first);
+        for j in joins {
+            tokio::time::timeout(Duration::from_secs(5), j)
+                .await
+                .expect("served")
+                .expect("joined");
+        }
+        assert_eq!(*order.lock().expect("lock"), vec![0, 1, 2, 3, 4]);
+        assert_eq!(g.held(), 0);
     }
 
     #[tokio::test]
