@@ -531,10 +531,49 @@ impl Config {
 
     /// `concurrency × prefetch_multiplier`, capped to what AMQP can express.
     pub fn prefetch_count(&self) -> u16 {
-        let n = self
-            .concurrency
-            .saturating_mul(self.prefetch_multiplier as usize);
-        u16::try_from(n).unwrap_or(u16::MAX)
+        prefetch_for(self.concurrency, self.prefetch_multiplier)
+    }
+
+    /// The settings as remote control `conf` answers them: the keys omega|ml's
+    /// Python worker answers with (omega|ml configures Celery with its old
+    /// setting names, see `omegaml/defaults.py` `OMEGA_CELERY_CONFIG`) plus the
+    /// old Celery names of om-worker's other effective settings. URLs carry
+    /// no password (`********`, as Celery's `filter_hidden_settings`).
+    pub fn celery_settings(&self) -> serde_json::Value {
+        use crate::redact::mask_url_as;
+        serde_json::json!({
+            "CELERY_ACCEPT_CONTENT": ["pickle", "json"],
+            "CELERY_TASK_SERIALIZER": "pickle",
+            "CELERY_RESULT_SERIALIZER": self.result_serializer.as_str(),
+            "CELERY_RESULT_EXPIRES": self.result_expires,
+            "CELERY_TASK_RESULT_EXPIRES": self.result_expires,
+            "CELERY_DEFAULT_QUEUE": self.queues.first().cloned().unwrap_or_else(|| DEFAULT_QUEUE.to_owned()),
+            "BROKER_URL": mask_url_as(&self.broker_url, "********"),
+            "BROKER_HEARTBEAT": 0,
+            "CELERY_RESULT_BACKEND": mask_url_as(&self.result_backend, "********"),
+            "CELERY_ALWAYS_EAGER": false,
+            "CELERY_TRACK_STARTED": true,
+            "CELERYBEAT_SCHEDULE": {
+                "execute_scripts": {
+                    "task": "omegaml.notebook.tasks.execute_scripts",
+                    "schedule": self.beat_interval,
+                }
+            },
+            "CELERYD_TASK_SOFT_TIME_LIMIT": self.soft_time_limit,
+            "CELERYD_TASK_TIME_LIMIT": self.hard_time_limit,
+            "BROKER_USE_SSL": self.use_ssl,
+            "BROKER_CONNECTION_RETRY_ON_STARTUP": true,
+            "CELERYD_CONCURRENCY": self.concurrency,
+            "deprecated_settings": null,
+            "CELERYD_PREFETCH_MULTIPLIER": self.prefetch_multiplier,
+            // omega|ml acks a task when it starts.
+            "CELERY_ACKS_LATE": false,
+            "CELERY_SEND_EVENTS": self.task_events,
+            "CELERY_QUEUES": self.queues,
+            "CELERY_DISABLE_RATE_LIMITS": false,
+            // Set by Celery's `worker` command.
+            "worker_disable_prefetch": false,
+        })
     }
 
     /// The configuration as `key = value` lines, every URL's password masked.
@@ -639,6 +678,13 @@ impl Config {
         line("beat_interval", self.beat_interval.to_string());
         out
     }
+}
+
+/// `concurrency × prefetch_multiplier` (Celery's prefetch count; 0 =
+/// unlimited), capped to what AMQP's `basic.qos` can express.
+pub fn prefetch_for(concurrency: usize, prefetch_multiplier: u16) -> u16 {
+    let n = concurrency.saturating_mul(usize::from(prefetch_multiplier));
+    u16::try_from(n).unwrap_or(u16::MAX)
 }
 
 fn quoted(s: &str) -> String {

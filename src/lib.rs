@@ -13,6 +13,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod gate;
 pub mod kernel;
 pub mod ledger;
 pub mod logging;

@@ -15,8 +15,14 @@
 /// - anything else not parseable: `<unparseable URL>`, since it cannot be
 ///   told what part of it is secret.
 pub fn mask_url(url: &str) -> String {
+    mask_url_as(url, "***")
+}
+
+/// [`mask_url`] with another mask: Celery's `conf` and bug report show
+/// `********` (kombu `Connection.as_uri(mask='********')`).
+pub fn mask_url_as(url: &str, mask: &str) -> String {
     if let Ok(mut u) = url::Url::parse(url) {
-        if u.password().is_some() && u.set_password(Some("***")).is_ok() {
+        if u.password().is_some() && u.set_password(Some(mask)).is_ok() {
             return u.to_string();
         }
         return url.to_owned();
@@ -25,7 +31,7 @@ pub fn mask_url(url: &str) -> String {
         if at > s + 3 {
             let creds = &url[s + 3..at];
             return match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                Some((user, _)) => format!("{}{user}:{mask}{}", &url[..s + 3], &url[at..]),
                 None => url.to_owned(),
             };
         }

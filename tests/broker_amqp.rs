@@ -531,3 +531,38 @@ async fn queue_length_is_the_ready_count_and_a_missing_queue_harms_nothing() {
     .await;
     cleanup(&q).await;
 }
+
+#[tokio::test]
+async fn set_prefetch_widens_and_narrows_the_running_consumer() {
+    let q = unique("setprefetch");
+    bounded(60, async {
+        let b = broker().await;
+        b.declare_queue(&q).await.expect("declare");
+        for i in 0..3 {
+            b.publish("", &q, message("[]", &format!("s{i}")))
+                .await
+                .expect("publish");
+        }
+        let mut rx = b
+            .consume(std::slice::from_ref(&q), 1)
+            .await
+            .expect("consume");
+        let d1 = recv(&mut rx, Duration::from_secs(5)).await.expect("first");
+        assert!(recv(&mut rx, Duration::from_millis(1500)).await.is_none());
+        // pool_grow: basic.qos 2, one more delivery without any ack.
+        b.set_prefetch(2).await.expect("set_prefetch");
+        let d2 = recv(&mut rx, Duration::from_secs(5))
+            .await
+            .expect("second after the grow");
+        // pool_shrink: basic.qos 1; an ack leaves 1 unacked, so nothing new.
+        b.set_prefetch(1).await.expect("set_prefetch");
+        d1.acker.ack().await.expect("ack");
+        assert!(recv(&mut rx, Duration::from_millis(1500)).await.is_none());
+        d2.acker.ack().await.expect("ack");
+        let d3 = recv(&mut rx, Duration::from_secs(5)).await.expect("third");
+        d3.acker.ack().await.expect("ack");
+        b.close().await.expect("close");
+    })
+    .await;
+    cleanup(&q).await;
+}

@@ -606,3 +606,37 @@ async fn queue_length_counts_every_priority_step() {
     .await;
     ctx.cleanup().await;
 }
+
+#[tokio::test]
+async fn set_prefetch_widens_and_narrows_the_running_consumer() {
+    let ctx = Ctx::new("setprefetch").await;
+    bounded(60, async {
+        let b = ctx.broker(ctx.options()).await;
+        for i in 0..3 {
+            b.publish("", &ctx.queue, message("[]", &format!("s{i}"), 0))
+                .await
+                .expect("publish");
+        }
+        let mut rx = b
+            .consume(std::slice::from_ref(&ctx.queue), 1)
+            .await
+            .expect("consume");
+        let d1 = recv(&mut rx, Duration::from_secs(5)).await.expect("first");
+        assert!(recv(&mut rx, Duration::from_millis(1500)).await.is_none());
+        // pool_grow: one more unsettled allowed, without any settle.
+        b.set_prefetch(2).await.expect("set_prefetch");
+        let d2 = recv(&mut rx, Duration::from_secs(5))
+            .await
+            .expect("second after the grow");
+        // pool_shrink: back to 1; an ack leaves 1 unsettled, so nothing new.
+        b.set_prefetch(1).await.expect("set_prefetch");
+        d1.acker.ack().await.expect("ack");
+        assert!(recv(&mut rx, Duration::from_millis(2500)).await.is_none());
+        d2.acker.ack().await.expect("ack");
+        let d3 = recv(&mut rx, Duration::from_secs(5)).await.expect("third");
+        d3.acker.ack().await.expect("ack");
+        b.close().await.expect("close");
+    })
+    .await;
+    ctx.cleanup().await;
+}

@@ -868,3 +868,139 @@ async fn canvas_is_refused_with_a_failure_never_silently_dropped() {
     );
     h.stop().await;
 }
+
+// ---- remote control acting on the pipeline -----------------------------
+
+/// Runs one remote control command against the harness's worker.
+async fn control(
+    h: &Harness,
+    names: &[&'static str],
+    method: &str,
+    args: Value,
+) -> serde_json::Value {
+    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let ctx = om_worker::control::commands::Context {
+        broker: Arc::new(h.broker.clone()),
+        state: Arc::clone(&h.state),
+        registered: Arc::new(move || names.clone()),
+    };
+    om_worker::control::commands::dispatch(&ctx, method, &args)
+        .await
+        .expect("a reply")
+}
+
+async fn until<F: Fn() -> bool>(f: F) {
+    within(async {
+        while !f() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn pool_grow_and_shrink_change_how_many_run_at_once_and_lose_nothing() {
+    let gate = Gate::new("test.gate", false);
+    let h = Harness::start(config(1), vec![gate.clone()], None);
+    for i in 0..4 {
+        h.broker
+            .push(message("test.gate", &format!("t-pool{i}"), vec![]));
+    }
+    gate.started().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(gate.runs(), 1, "-c 1: one at a time");
+    let n = |i: i64| Value::dict([("n", Value::Int(i))]);
+    let reply = control(&h, &[], "pool_grow", n(1)).await;
+    assert_eq!(reply, serde_json::json!({"ok": "pool will grow"}));
+    // The prefetch (multiplier 1) follows, so the second message is delivered and runs.
+    until(|| gate.runs() == 2).await;
+    assert_eq!(h.state.concurrency(), 2);
+    let reply = control(&h, &[], "pool_shrink", n(1)).await;
+    assert_eq!(reply, serde_json::json!({"ok": "pool will shrink"}));
+    // Both running tasks go on; one ending frees no slot for a third.
+    gate.open(1);
+    h.until_states("t-pool0", 2).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        gate.runs(),
+        2,
+        "after the shrink, 2 running -> 1 slot: nothing new starts"
+    );
+    gate.open(1);
+    until(|| gate.runs() == 3).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(gate.runs(), 3, "one at a time again");
+    gate.open(2);
+    for i in 0..4 {
+        h.until_states(&format!("t-pool{i}"), 2).await;
+        let last = h.backend.last(&format!("t-pool{i}")).expect("stored");
+        assert_eq!(last.status, State::Success, "t-pool{i}");
+        assert_eq!(h.settlement(&format!("t-pool{i}")), vec![Settlement::Acked]);
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn time_limit_applies_to_later_tasks_of_that_name() {
+    let gate = Gate::new("test.gate", false);
+    let h = Harness::start(config(1), vec![gate.clone(), Arc::new(Echo)], None);
+    let names = ["test.gate", "test.echo"];
+    let args = Value::dict([
+        ("task_name", Value::from("test.gate")),
+        ("soft", Value::None),
+        ("hard", Value::Float(0.2)),
+    ]);
+    let reply = control(&h, &names, "time_limit", args).await;
+    assert_eq!(
+        reply,
+        serde_json::json!({"ok": "time limits set successfully"})
+    );
+    h.broker.push(message("test.gate", "t-tl", vec![]));
+    h.broker.push(message("test.echo", "t-other", vec![]));
+    h.until_states("t-tl", 2).await;
+    let last = h.backend.last("t-tl").expect("stored");
+    assert_eq!(last.status, State::Failure);
+    assert_eq!(exc_type(&last), "TimeLimitExceeded");
+    h.until_states("t-other", 2).await;
+    assert_eq!(
+        h.backend.last("t-other").expect("stored").status,
+        State::Success
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn rate_limit_spaces_the_starts_and_keeps_messages_unacked_meanwhile() {
+    let mut c = config(4);
+    c.prefetch_multiplier = 4;
+    let h = Harness::start(c, vec![Arc::new(Echo)], None);
+    let args = Value::dict([
+        ("task_name", Value::from("test.echo")),
+        ("rate_limit", Value::from("4/s")),
+    ]);
+    let reply = control(&h, &["test.echo"], "rate_limit", args).await;
+    assert_eq!(
+        reply,
+        serde_json::json!({"ok": "new rate limit set successfully"})
+    );
+    let t0 = std::time::Instant::now();
+    for i in 0..3 {
+        h.broker
+            .push(message("test.echo", &format!("t-rate{i}"), vec![]));
+    }
+    h.until_states("t-rate0", 2).await;
+    assert!(h.broker.unsettled() >= 1, "the others wait unacked");
+    for i in 0..3 {
+        h.until_states(&format!("t-rate{i}"), 2).await;
+    }
+    // Tokens at 0, 0.25 s and 0.5 s (the bucket starts full).
+    assert!(
+        t0.elapsed() >= Duration::from_millis(450),
+        "{:?}",
+        t0.elapsed()
+    );
+    for i in 0..3 {
+        assert_eq!(h.settlement(&format!("t-rate{i}")), vec![Settlement::Acked]);
+    }
+    h.stop().await;
+}

@@ -293,6 +293,18 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
+    async fn set_prefetch(&self, prefetch: u16) -> Result<(), BrokerError> {
+        {
+            let mut st = self.inner.lock();
+            if st.prefetch == 0 || prefetch == 0 {
+                return Ok(());
+            }
+            st.prefetch = prefetch;
+        }
+        self.inner.pump();
+        Ok(())
+    }
+
     async fn publish(
         &self,
         exchange: &str,

@@ -213,6 +213,17 @@ pub trait Broker: Send + Sync + 'static {
     /// valid until the connection is closed.
     async fn stop_consuming(&self) -> Result<(), BrokerError>;
 
+    /// Changes the prefetch limit of the running consumer (remote control
+    /// `pool_grow` / `pool_shrink`: concurrency × prefetch multiplier, as
+    /// Celery's `_update_prefetch_count`). Deliveries already handed over
+    /// stay valid; a lower limit only holds back the next ones. A consumer
+    /// started unlimited (0) stays unlimited, and so does a request for 0.
+    async fn set_prefetch(&self, prefetch: u16) -> Result<(), BrokerError> {
+        Err(BrokerError::Operation(format!(
+            "changing the prefetch to {prefetch} at runtime is not supported by this broker"
+        )))
+    }
+
     /// Publishes to `exchange` with `routing_key`. The default exchange `""`
     /// routes to the queue named by `routing_key` (rpc:// replies, forwarding).
     async fn publish(

@@ -10,6 +10,7 @@
 
 pub mod commands;
 pub mod events;
+pub mod limits;
 pub mod metrics;
 pub mod pidbox;
 pub mod state;

@@ -18,6 +18,8 @@ use serde_json::{json, Value as Json};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
+use super::limits::TaskLimits;
+use crate::gate::Gate;
 use crate::protocol::json::to_json;
 use crate::protocol::{RawMessage, TaskMessage, Value};
 use crate::tasks::{CancelReason, ErrorKind, TaskContext, TaskError};
@@ -210,10 +212,16 @@ pub struct WorkerState {
     pub nodename: String,
     /// This process.
     pub pid: u32,
-    /// Slots.
-    pub concurrency: usize,
-    /// `basic.qos` prefetch.
-    pub prefetch: u16,
+    /// The task slots: how many tasks run at once, resized at runtime by
+    /// `pool_grow` / `pool_shrink` (see [`crate::gate`]).
+    slots: Arc<Gate>,
+    /// Prefetch = slots × this (0 = unlimited), as Celery's
+    /// `worker_prefetch_multiplier`.
+    pub prefetch_multiplier: u16,
+    /// Limits set per task name by `time_limit` and `rate_limit`.
+    pub limits: TaskLimits,
+    /// The worker's settings under Celery's names, secrets masked (`conf`).
+    settings: Json,
     /// Default soft/hard time limits (stats `pool.timeouts`).
     pub timeouts: (f64, f64),
     /// The broker URL without password, for `stats.broker`.
@@ -250,20 +258,23 @@ impl std::fmt::Debug for WorkerState {
 }
 
 impl WorkerState {
-    /// A fresh state for a worker consuming `queues`.
+    /// A fresh state for a worker consuming `queues` with `concurrency`
+    /// slots, prefetching `concurrency × prefetch_multiplier` messages.
     pub fn new(
         nodename: &str,
         queues: &[String],
         concurrency: usize,
-        prefetch: u16,
+        prefetch_multiplier: u16,
         timeouts: (f64, f64),
         broker_url: &str,
     ) -> Self {
         WorkerState {
             nodename: nodename.to_owned(),
             pid: std::process::id(),
-            concurrency: concurrency.max(1),
-            prefetch,
+            slots: Gate::new(concurrency.max(1)),
+            prefetch_multiplier,
+            limits: TaskLimits::default(),
+            settings: Json::Object(serde_json::Map::new()),
             timeouts,
             broker_url: crate::redact::mask_url(broker_url),
             clock: LamportClock::default(),
@@ -288,14 +299,57 @@ impl WorkerState {
 
     /// A state built from the worker's configuration.
     pub fn from_config(config: &crate::config::Config) -> Self {
-        Self::new(
+        let mut st = Self::new(
             &config.nodename,
             &config.queues,
             config.concurrency,
-            config.prefetch_count(),
+            config.prefetch_multiplier,
             (config.soft_time_limit, config.hard_time_limit),
             &config.broker_url,
-        )
+        );
+        st.settings = config.celery_settings();
+        st
+    }
+
+    // ---- pool -------------------------------------------------------------
+
+    /// The task slots the worker takes a permit of before each run.
+    pub fn slots(&self) -> Arc<Gate> {
+        Arc::clone(&self.slots)
+    }
+
+    /// Tasks that may run at once now (`stats` `max-concurrency`).
+    pub fn concurrency(&self) -> usize {
+        self.slots.limit()
+    }
+
+    /// The prefetch count for the current concurrency (`stats`
+    /// `prefetch_count`; 0 = unlimited).
+    pub fn prefetch(&self) -> u16 {
+        crate::config::prefetch_for(self.concurrency(), self.prefetch_multiplier)
+    }
+
+    /// `pool_grow n`: `n` more slots at once; returns the new concurrency.
+    pub fn grow_pool(&self, n: usize) -> usize {
+        self.slots.grow(n)
+    }
+
+    /// `pool_shrink n`: `n` slots fewer, never below one. Running tasks go
+    /// on; fewer start once they end. `Err(current)` when refused.
+    pub fn shrink_pool(&self, n: usize) -> Result<usize, usize> {
+        self.slots.shrink(n, 1)
+    }
+
+    /// The settings `conf` answers with ([`crate::config::Config::celery_settings`]),
+    /// with what remote control changes since start-up as it is now.
+    pub fn settings(&self) -> Json {
+        let mut s = self.settings.clone();
+        if let Json::Object(m) = &mut s {
+            m.insert("CELERYD_CONCURRENCY".into(), json!(self.concurrency()));
+            m.insert("CELERY_SEND_EVENTS".into(), json!(self.task_events()));
+            m.insert("CELERY_QUEUES".into(), json!(self.queues()));
+        }
+        s
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -326,9 +380,10 @@ impl WorkerState {
         }
     }
 
-    /// Turns task events on or off (`-E`, `enable_events`, `disable_events`).
-    pub fn set_task_events(&self, on: bool) {
-        self.task_events.store(on, Ordering::SeqCst);
+    /// Turns task events on or off (`-E`, `enable_events`, `disable_events`);
+    /// returns whether they were on before.
+    pub fn set_task_events(&self, on: bool) -> bool {
+        self.task_events.swap(on, Ordering::SeqCst)
     }
 
     /// Whether task events are sent.
@@ -581,9 +636,11 @@ impl WorkerState {
         let mut m = serde_json::Map::new();
         for r in g.requests.values() {
             if ids.contains(&r.id) {
+                // Celery 5.7's `_state_of_task`: ETA-held requests are `scheduled`.
                 let st = match r.phase {
                     Phase::Active(_) => "active",
-                    Phase::Reserved | Phase::Scheduled(_) => "reserved",
+                    Phase::Reserved => "reserved",
+                    Phase::Scheduled(_) => "scheduled",
                 };
                 m.insert(r.id.clone(), json!([st, self.info(r, false)]));
             }
@@ -651,8 +708,8 @@ impl WorkerState {
                 i
             }
             None => {
-                // More runs than slots cannot happen (the worker's semaphore
-                // has `concurrency` permits); be safe and grow.
+                // Only after `pool_grow` (or a shrink while the higher slots
+                // still run): a new slot number.
                 g.slots.push(true);
                 g.slots.len() - 1
             }

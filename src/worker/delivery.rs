@@ -92,11 +92,17 @@ pub(super) async fn handle(s: Arc<Shared>, d: Delivery) {
         return;
     }
 
+    // A rate limit set by remote control (`rate_limit`) spaces the starts of
+    // this task name; the message waits unacked, in arrival order. A revoke
+    // ends the wait: the revoked check after the slot settles it.
+    tokio::select! {
+        _ = s.state.limits.wait_for_rate(&msg.name) => {}
+        _ = req.interrupted() => {}
+        // Left unacked: the broker returns it when the connection closes.
+        _ = s.stop_starting.cancelled() => return,
+    }
     let permit = tokio::select! {
-        p = Arc::clone(&s.slots).acquire_owned() => match p {
-            Ok(p) => p,
-            Err(_) => return,
-        },
+        p = s.slots.acquire() => p,
         // Left unacked: the broker returns it when the connection closes.
         _ = s.stop_starting.cancelled() => return,
     };
@@ -171,8 +177,17 @@ pub(super) async fn handle(s: Arc<Shared>, d: Delivery) {
     }
     timings.mark(Step::Started);
 
-    let soft = msg.soft_time_limit.or(Some(s.config.soft_time_limit));
-    let hard = msg.hard_time_limit.unwrap_or(s.config.hard_time_limit);
+    // The message's limits, else those `time_limit` set for this task name
+    // (Celery's `task.soft_time_limit`/`task.time_limit`), else the worker's.
+    let (named_soft, named_hard) = s.state.limits.time_limits(&msg.name);
+    let soft = msg
+        .soft_time_limit
+        .or(named_soft)
+        .or(Some(s.config.soft_time_limit));
+    let hard = msg
+        .hard_time_limit
+        .or(named_hard)
+        .unwrap_or(s.config.hard_time_limit);
     let ctx = TaskContext {
         nodename: s.config.nodename.clone(),
         cancel: s.stop_running.child_token(),

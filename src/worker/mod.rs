@@ -31,7 +31,6 @@ mod timings;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -41,6 +40,7 @@ use crate::backend::ResultBackend;
 use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
 use crate::control::state::WorkerState;
+use crate::gate::Gate;
 use crate::ledger::Ledger;
 use crate::shutdown::Shutdown;
 use crate::tasks::Registry;
@@ -63,7 +63,8 @@ struct Shared {
     broker: Arc<dyn Broker>,
     backend: Arc<dyn ResultBackend>,
     registry: Registry,
-    slots: Arc<Semaphore>,
+    /// The task slots, shared with remote control (`pool_grow`/`pool_shrink`).
+    slots: Arc<Gate>,
     /// Cancelled at warm shutdown: held and waiting messages give up.
     stop_starting: CancellationToken,
     /// Cancelled when running tasks must stop (grace over, cold shutdown).
@@ -137,7 +138,7 @@ impl Worker {
         let outbox_stop = CancellationToken::new();
         let deliverer = outbox.start(outbox_stop.clone());
         let s = Arc::new(Shared {
-            slots: Arc::new(Semaphore::new(cfg.concurrency.max(1))),
+            slots: self.state.slots(),
             config: self.config,
             broker: self.broker,
             backend: Arc::clone(&outbox) as Arc<dyn ResultBackend>,

@@ -289,3 +289,271 @@ def test_flower_lists_the_worker_slow(broker, worker, q, mongo, tmp_path):
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
         log.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 15 item 4: the remaining control commands, answered as Celery 5.7's worker answers them
+# (celery/worker/control.py), with their effect.
+# ---------------------------------------------------------------------------------------------
+
+SUPPORT = __import__("pathlib").Path(__file__).resolve().parent / "support"
+SLEEPS = "om_test_tasks.tasks.sleeps"
+
+
+def control(app, node, method, timeout=10, **arguments):
+    """One control command with a reply from `node`: its payload (None if it did not answer)."""
+    replies = app.control.broadcast(method, arguments=arguments, destination=[node], reply=True,
+                                    timeout=timeout) or []
+    for r in replies:
+        if node in r:
+            return r[node]
+    return None
+
+
+def tasks_worker(worker, broker, q, tmp_path, concurrency, extra=()):
+    """An om-worker that runs the test tasks (tests/interop/support/om_test_tasks), as an operator
+    registers them with omega|ml (OMEGA_CELERY_IMPORTS), their names listed (for time_limit and
+    rate_limit, which answer 'unknown task' for a name the worker does not have)."""
+    conf = tmp_path / "omega-config.yml"
+    conf.write_text("OMEGA_CELERY_IMPORTS:\n" + "".join(
+        f"  - {m}\n" for m in ["omegaml", "omegaml.notebook", "omegaml.backends.package",
+                               "omegaml.backends.monitoring", "om_test_tasks"]))
+    w = worker(broker.url, [q], concurrency=concurrency, extra=["--kernel-pool", "0", *extra],
+               env_extra={"PYTHONPATH": str(SUPPORT), "OMEGA_CONFIG_FILE": str(conf)})
+    wait_until(lambda: "python tasks (one fresh child process per task)" in w.log(), 120,
+               "the Python tasks listed")
+    return w
+
+
+def run_sleeps(client, q, secs, n, timeout=120):
+    """n `sleeps(secs)` sent at once; their results (start/end wall-clock times), all SUCCESS."""
+    results = [client.send(SLEEPS, q, args=(secs,)) for _ in range(n)]
+    out = []
+    for r in results:
+        out.append(r.get(timeout=timeout))
+        assert r.state == "SUCCESS", r.state
+    return out
+
+
+def overlap(a, b):
+    return a["start"] < b["end"] and b["start"] < a["end"]
+
+
+def test_pool_grow_shrink_time_limit_rate_limit(broker, worker, client_factory, q, tmp_path):
+    """pool_grow/pool_shrink change how many tasks run at once, live, without losing or interrupting
+    one; time_limit and rate_limit apply to later tasks of that name; replies as Celery's."""
+    w = tasks_worker(worker, broker, q, tmp_path, concurrency=1, extra=["--prefetch-multiplier", "1"])
+    node = w.nodename
+    client = client_factory(broker.url)
+    app = client.app
+
+    # -c 1, prefetch 1 × 1: one running (acked at start), one prefetched, two left on the queue.
+    four = [client.send(SLEEPS, q, args=(12,)) for _ in range(4)]
+    wait_until(lambda: len(inspect(app, node, "active", timeout=3) or []) == 1, 60, "one task running")
+    wait_until(lambda: broker.queue_state(q)["ready"] == 2, 30, "one running, one prefetched, two ready")
+    time.sleep(1)
+    assert broker.queue_state(q)["ready"] == 2 and len(inspect(app, node, "active")) == 1
+
+    assert control(app, node, "pool_grow", n=1) == {"ok": "pool will grow"}
+    # The second slot takes the prefetched one; the prefetch (now 2 × 1) takes the other two, long
+    # before the first task ends (12 s) and would free a place under the old prefetch of 1.
+    wait_until(lambda: broker.queue_state(q)["ready"] == 0, 6, "the prefetch followed the concurrency")
+    stats = inspect(app, node, "stats")
+    assert stats["pool"]["max-concurrency"] == 2 and len(stats["pool"]["processes"]) == 2, stats
+    assert stats["prefetch_count"] == 2, stats
+    done = [r.get(timeout=120) for r in four]
+    assert all(r.state == "SUCCESS" for r in four), [r.state for r in four]
+    assert overlap(done[0], done[1]), f"after pool_grow two sleeping tasks run at once: {done}"
+
+    # Shrink while two run: both finish undisturbed; the next ones run one at a time, after them.
+    running = [client.send(SLEEPS, q, args=(4,)) for _ in range(2)]
+    wait_until(lambda: len(inspect(app, node, "active", timeout=3) or []) == 2, 60, "two tasks running")
+    assert control(app, node, "pool_shrink", n=1) == {"ok": "pool will shrink"}
+    later = [client.send(SLEEPS, q, args=(1,)) for _ in range(2)]
+    first = [r.get(timeout=120) for r in running]
+    rest = [r.get(timeout=120) for r in later]
+    assert all(r.state == "SUCCESS" for r in running + later), [r.state for r in running + later]
+    assert all(x["end"] - x["start"] >= 3.9 for x in first), f"the running ones were not cut short: {first}"
+    assert not overlap(*rest), f"after pool_shrink one at a time: {rest}"
+    assert min(x["start"] for x in rest) >= min(x["end"] for x in first) - 0.05, (first, rest)
+    stats = inspect(app, node, "stats")
+    assert stats["pool"]["max-concurrency"] == 1 and stats["prefetch_count"] == 1, stats
+    # Below one slot: refused, nothing changed.
+    reply = control(app, node, "pool_shrink", n=1)
+    assert set(reply) == {"error"} and "shrink" in reply["error"], reply
+    assert inspect(app, node, "stats")["pool"]["max-concurrency"] == 1
+
+    # time_limit: later sleeps get the limits; unknown names are refused as Celery does.
+    assert control(app, node, "time_limit", task_name="no.such.task", soft=1, hard=2) == \
+        {"error": "unknown task"}
+    assert control(app, node, "time_limit", task_name=SLEEPS, soft=1.0, hard=3.0) == \
+        {"ok": "time limits set successfully"}
+    t0 = time.monotonic()
+    r = client.send(SLEEPS, q, args=(20,))
+    r.get(timeout=60, propagate=False)
+    assert r.state == "FAILURE" and "TimeLimitExceeded" in type(r.result).__name__, (r.state, r.result)
+    assert time.monotonic() - t0 < 15, "the 1 s soft limit ended the 20 s sleep"
+    assert control(app, node, "time_limit", task_name=SLEEPS, soft=None, hard=None) == \
+        {"ok": "time limits set successfully"}
+
+    # rate_limit: starts spaced by the rate, even with free slots.
+    assert control(app, node, "pool_grow", n=2) == {"ok": "pool will grow"}
+    assert control(app, node, "rate_limit", task_name=SLEEPS, rate_limit="20/m") == \
+        {"ok": "new rate limit set successfully"}
+    assert f"{SLEEPS} [rate_limit=20/m]" in inspect(app, node, "registered")
+    starts = sorted(x["start"] for x in run_sleeps(client, q, 0, 3))
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert all(g >= 2.5 for g in gaps), f"20/m = one start every 3 s: gaps {gaps}"
+    reply = control(app, node, "rate_limit", task_name=SLEEPS, rate_limit="x/m")
+    assert reply == {"error": "Invalid rate limit string: ValueError(\"could not convert string to float: 'x'\")"}, reply
+    assert control(app, node, "rate_limit", task_name=SLEEPS, rate_limit=None) == \
+        {"ok": "rate limit disabled successfully"}
+    starts = sorted(x["start"] for x in run_sleeps(client, q, 0, 3))
+    assert starts[-1] - starts[0] < 2.5, f"no rate limit any more: {starts}"
+    assert w.alive()
+
+
+def test_conf_report_aliases_and_unsupported_pool_commands(broker, worker, client_factory, q, mongo, tmp_path):
+    """conf (alias dump_conf) has the keys omega|ml's Celery worker answers with and no password;
+    report is a bug-report text; Celery's dump_* aliases answer as their commands; autoscale and
+    pool_restart answer as Celery's worker without an autoscaler / pool restarts; query_task says
+    'scheduled' for an ETA-held task; a wrong argument type is an error reply, not a crash."""
+    from celery.utils.serialization import jsonify
+    w = worker(broker.url, [q], concurrency=2)
+    node = w.nodename
+    client = client_factory(broker.url)
+    app = client.app
+
+    conf = inspect(app, node, "conf")
+    # The Python worker answers `app.conf.table(with_defaults=False)` of omega|ml's Celery config.
+    celery_keys = set(jsonify(app.conf.table(with_defaults=False)))
+    assert celery_keys <= set(conf), sorted(celery_keys - set(conf))
+    assert conf["CELERYD_CONCURRENCY"] == 2 and conf["CELERYD_PREFETCH_MULTIPLIER"] == 4, conf
+    assert conf["CELERY_ACKS_LATE"] is False and conf["CELERY_QUEUES"] == [q], conf
+    if broker.kind == "amqp":
+        assert conf["BROKER_URL"] == "amqp://guest:********@127.0.0.1:5672//", conf["BROKER_URL"]
+    assert ":guest@" not in str(conf)
+    assert control(app, node, "dump_conf") == conf
+    report = inspect(app, node, "report")
+    assert set(report) == {"ok"} and "software -> om-worker:" in report["ok"], report
+    assert "BROKER_URL" in report["ok"] and ":guest@" not in report["ok"], report
+
+    # Without an autoscaler / pool restarts Celery raises; kombu answers repr(exc).
+    assert control(app, node, "autoscale", max=4, min=1) == {"error": repr(ValueError("Autoscale not enabled"))}
+    assert control(app, node, "pool_restart") == {"error": repr(ValueError("Pool restarts not enabled"))}
+    reply = control(app, node, "pool_grow", n="two")
+    assert set(reply) == {"error"} and "TypeError" in reply["error"], reply
+    assert inspect(app, node, "stats")["pool"]["max-concurrency"] == 2
+
+    res = client.ping(q, countdown=120)
+    wait_until(lambda: len(inspect(app, node, "scheduled", timeout=3) or []) == 1, 30, "the ETA task held")
+    assert control(app, node, "dump_schedule") == inspect(app, node, "scheduled")
+    qt = (app.control.inspect(destination=[node], timeout=10).query_task(res.id) or {}).get(node)
+    assert qt[res.id][0] == "scheduled" and qt[res.id][1]["id"] == res.id, qt
+    for alias, command in [("dump_tasks", "registered"), ("dump_reserved", "reserved"),
+                           ("dump_active", "active")]:
+        assert control(app, node, alias) == inspect(app, node, command), alias
+    app.control.revoke(res.id)
+    res.get(timeout=30, propagate=False)
+    assert control(app, node, "dump_revoked") == [res.id]
+
+    # What `om runtime celery control pool_grow N` runs: Celery's CLI on omega|ml's app.
+    (rc, out), = celery_cli(tmp_path, broker, mongo, ("control", "pool_grow", "2", "-d", node, "--timeout", "10"))
+    assert rc == 0 and f"{node}: OK" in out and "pool will grow" in out, out
+    assert inspect(app, node, "stats")["pool"]["max-concurrency"] == 4
+    assert w.alive()
+
+
+def test_disable_enable_events_and_heartbeat(broker, worker, client_factory, q, check_ping):
+    """disable_events stops task-* events, enable_events brings them back (replies as Celery's);
+    `heartbeat` sends a worker-heartbeat at once."""
+    client = client_factory(broker.url)
+    cap = EventCapture(client.app)
+    try:
+        time.sleep(2)  # consumer (Redis: PSUBSCRIBE) in place before the worker starts
+        w = worker(broker.url, [q], extra=["-E"])
+        node, app = w.nodename, client.app
+
+        def task_events(task_id):
+            return [e["type"] for e in list(cap.events) if e.get("uuid") == task_id]
+
+        res = client.ping(q)
+        check_ping(res.get(timeout=30), node)
+        wait_until(lambda: "task-succeeded" in task_events(res.id), 20, "task events with -E")
+        assert control(app, node, "enable_events") == {"ok": "task events already enabled"}
+        assert control(app, node, "disable_events") == {"ok": "task events disabled"}
+        assert control(app, node, "disable_events") == {"ok": "task events already disabled"}
+        quiet = client.ping(q)
+        check_ping(quiet.get(timeout=30), node)
+        time.sleep(2)
+        assert task_events(quiet.id) == [], task_events(quiet.id)
+        assert control(app, node, "enable_events") == {"ok": "task events enabled"}
+        loud = client.ping(q)
+        check_ping(loud.get(timeout=30), node)
+        wait_until(lambda: "task-succeeded" in task_events(loud.id), 20, "task events again")
+
+        def heartbeats():
+            return [e for e in list(cap.events) if e.get("hostname") == node and e["type"] == "worker-heartbeat"]
+
+        before = len(heartbeats())
+        t0 = time.monotonic()
+        for _ in range(5):
+            app.control.heartbeat(destination=[node])
+        # Five asked for within a second: the regular ones come every 2 s.
+        wait_until(lambda: len(heartbeats()) - before >= 5, 10, "five requested heartbeats")
+        assert time.monotonic() - t0 < 5
+    finally:
+        cap.close()
+
+
+def test_replies_match_celerys_worker(worker, client_factory, names, mongo, tmp_path):
+    """The same commands to om-worker and to omega|ml's Python Celery worker (prefork, no -E, no
+    autoscaler; heartbeats on, so it has an event dispatcher) on RabbitMQ: the same replies."""
+    from conftest import AMQP_URL, HOSTNAME, Broker, WorkerProc, short_id, wait_ready
+    broker = Broker("amqp")
+    om = worker(broker.url, [names.queue()], concurrency=2)
+    py_q = names.queue()
+    py_name = f"omwpy-{short_id()}@%h"
+    wdir = tmp_path / "py-worker"
+    wdir.mkdir()
+    py = WorkerProc([str(VENV / "bin" / "celery"), "--app", "omegaml.celeryapp", "worker", "-Q", py_q, "-c", "2",
+                     "-n", py_name, "-l", "info", "--without-gossip", "--without-mingle"],
+                    worker_env(wdir, AMQP_URL, "rpc://", mongo, {"C_FORCE_ROOT": "1"}), wdir / "celery.log",
+                    py_name.replace("%h", HOSTNAME))
+    py.impl = "python"
+    try:
+        wait_ready(py, timeout=120)
+        app = client_factory(broker.url).app
+        ping = "omegaml.tasks.omega_ping"
+        commands = [
+            ("pool_grow", {"n": 1}), ("pool_shrink", {"n": 1}),
+            ("time_limit", {"task_name": ping, "soft": 10.0, "hard": 20.0}),
+            ("time_limit", {"task_name": "no.such.task", "soft": 1.0, "hard": 2.0}),
+            ("rate_limit", {"task_name": ping, "rate_limit": "10/m"}),
+            ("rate_limit", {"task_name": ping, "rate_limit": "x/m"}),
+            ("rate_limit", {"task_name": ping, "rate_limit": "5/d"}),
+            ("rate_limit", {"task_name": "no.such.task", "rate_limit": "1/s"}),
+            ("autoscale", {"max": 4, "min": 1}), ("pool_restart", {}),
+            ("enable_events", {}), ("enable_events", {}), ("disable_events", {}), ("disable_events", {}),
+            ("heartbeat", {}), ("query_task", {"ids": ["no-such-id"]}), ("dump_revoked", {}),
+            ("dump_schedule", {}), ("dump_reserved", {}), ("dump_active", {}),
+        ]
+        diffs = []
+        for method, arguments in commands:
+            mine = control(app, om.nodename, method, **arguments)
+            theirs = control(app, py.nodename, method, **arguments)
+            if mine != theirs:
+                diffs.append(f"{method} {arguments}: om-worker {mine!r} != celery {theirs!r}")
+        assert not diffs, "\n".join(diffs)
+        # registered shows the rate limit the same way (set above, then not disabled).
+        assert f"{ping} [rate_limit=10/m]" in control(app, om.nodename, "registered")
+        assert f"{ping} [rate_limit=10/m]" in control(app, py.nodename, "registered")
+        # conf: every key the Python worker answers with.
+        py_conf = control(app, py.nodename, "conf")
+        missing = set(py_conf) - set(control(app, om.nodename, "conf"))
+        assert not missing, {k: py_conf[k] for k in missing}
+        assert control(app, om.nodename, "stats")["pool"]["max-concurrency"] == \
+            control(app, py.nodename, "stats")["pool"]["max-concurrency"] == 2
+    finally:
+        py.terminate()
+        broker.cleanup([py_q], [])

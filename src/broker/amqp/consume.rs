@@ -330,6 +330,42 @@ impl Inner {
         prefetch.saturating_add(held)
     }
 
+    /// [`crate::broker::Broker::set_prefetch`]: the spec's prefetch (kept
+    /// for reconnects) and `basic.qos` on the live consuming channel. RabbitMQ
+    /// takes nothing back on a lower prefetch; it delivers the next message
+    /// once fewer than the new count are unacked.
+    pub(super) async fn set_prefetch(&self, prefetch: u16) -> Result<(), BrokerError> {
+        let mut spec_slot = self.spec.lock().await;
+        let Some(spec) = spec_slot.as_mut() else {
+            return Err(BrokerError::Operation("not consuming".into()));
+        };
+        if spec.prefetch == 0 || prefetch == 0 {
+            return Ok(());
+        }
+        spec.prefetch = prefetch;
+        let qos_count = self.prefetch_with_held(prefetch);
+        let session = self.session.lock().await.clone();
+        if let Some(session) = session {
+            let consuming = session.consuming.lock().await;
+            if let Some(state) = consuming.as_ref() {
+                let qos = BasicQosOptions {
+                    global: self.options.global_qos,
+                };
+                state
+                    .channel
+                    .basic_qos(qos_count, qos)
+                    .await
+                    .map_err(op_err)?;
+            }
+        }
+        info!(
+            prefetch,
+            qos = qos_count,
+            "prefetch changed by remote control"
+        );
+        Ok(())
+    }
+
     /// Changes the held count and tells RabbitMQ the new prefetch.
     pub(super) async fn adjust_held(&self, up: bool) {
         if up {

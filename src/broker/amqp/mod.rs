@@ -212,6 +212,10 @@ impl Broker for AmqpBroker {
         self.inner.stop_consuming().await
     }
 
+    async fn set_prefetch(&self, prefetch: u16) -> Result<(), BrokerError> {
+        self.inner.set_prefetch(prefetch).await
+    }
+
     async fn publish(
         &self,
         exchange: &str,

@@ -13,18 +13,18 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use tokio::sync::OwnedSemaphorePermit;
 
 use tracing::warn;
 
 use super::unacked::HeldCopy;
 use super::Shared;
 use crate::broker::{Acker, BrokerError};
+use crate::gate::GatePermit;
 
 /// Settles a delivery that was popped but never recorded in `unacked` (an
 /// unreadable envelope): there is nothing left in Redis to settle; it only
 /// holds the prefetch permit until the worker is done with it.
-pub(super) struct PoppedAcker(pub(super) std::sync::Mutex<Option<OwnedSemaphorePermit>>);
+pub(super) struct PoppedAcker(pub(super) std::sync::Mutex<Option<GatePermit>>);
 
 #[async_trait]
 impl Acker for PoppedAcker {
@@ -52,7 +52,7 @@ impl Acker for PoppedAcker {
 pub(super) struct RedisAcker {
     pub(super) shared: Arc<Shared>,
     pub(super) tag: String,
-    pub(super) permit: std::sync::Mutex<Option<OwnedSemaphorePermit>>,
+    pub(super) permit: std::sync::Mutex<Option<GatePermit>>,
 }
 
 impl RedisAcker {

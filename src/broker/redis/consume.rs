@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -22,6 +22,7 @@ use super::unacked::HeldCopy;
 use super::Shared;
 use crate::backoff::Backoff;
 use crate::broker::{BrokerError, Delivery};
+use crate::gate::{Gate, GatePermit};
 use crate::protocol::envelope;
 
 impl Shared {
@@ -65,7 +66,8 @@ impl Shared {
         let stop = CancellationToken::new();
         *self.consumer_stop.lock().await = stop.clone();
         self.set_live_queues(|q| *q = queues.to_vec());
-        let semaphore = (prefetch > 0).then(|| Arc::new(Semaphore::new(usize::from(prefetch))));
+        let semaphore = (prefetch > 0).then(|| Gate::new(usize::from(prefetch)));
+        *self.prefetch.lock().unwrap_or_else(|p| p.into_inner()) = semaphore.clone();
         let (tx, rx) = mpsc::channel(usize::from(prefetch.max(1)).max(16));
         *consumer = Some(tokio::spawn(consume_loop(
             Arc::clone(self),
@@ -90,6 +92,22 @@ impl Shared {
             if tokio::time::timeout(limit, h).await.is_err() {
                 warn!("Redis consumer did not stop in time");
             }
+        }
+        Ok(())
+    }
+
+    /// [`crate::broker::Broker::set_prefetch`]: the loop pops only while
+    /// fewer than `prefetch` deliveries are unsettled; deliveries already
+    /// popped stay valid (a lower limit holds back the next `BRPOP`).
+    pub(super) async fn set_prefetch(&self, prefetch: u16) -> Result<(), BrokerError> {
+        let gate = self
+            .prefetch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let (Some(gate), true) = (gate, prefetch > 0) {
+            gate.set_limit(usize::from(prefetch));
+            info!(prefetch, "prefetch changed by remote control");
         }
         Ok(())
     }
@@ -120,7 +138,7 @@ impl Shared {
 async fn consume_loop(
     shared: Arc<Shared>,
     queues: Vec<String>,
-    semaphore: Option<Arc<Semaphore>>,
+    semaphore: Option<Arc<Gate>>,
     tx: mpsc::Sender<Delivery>,
     stop: CancellationToken,
 ) {
@@ -139,11 +157,8 @@ async fn consume_loop(
             break;
         }
         let permit = match &semaphore {
-            Some(sem) => tokio::select! {
-                p = Arc::clone(sem).acquire_owned() => match p {
-                    Ok(p) => Some(p),
-                    Err(_) => break,
-                },
+            Some(gate) => tokio::select! {
+                p = gate.acquire() => Some(p),
                 _ = stop.cancelled() => break,
             },
             None => None,
@@ -266,7 +281,7 @@ async fn deliver(
     shared: &Arc<Shared>,
     dest: &str,
     item: Vec<u8>,
-    permit: Option<OwnedSemaphorePermit>,
+    permit: Option<GatePermit>,
     tx: &mpsc::Sender<Delivery>,
 ) -> bool {
     // Over the size limit: not decoded; its id (if readable) gets a FAILURE.

@@ -135,6 +135,9 @@ struct Shared {
     holder_scripts: holder::HolderScripts,
     /// Whether the holder lease loop runs.
     holder_started: AtomicBool,
+    /// The consume loop's prefetch limit (`None`: unlimited); resized at
+    /// runtime by `set_prefetch` (remote control `pool_grow`/`pool_shrink`).
+    prefetch: std::sync::Mutex<Option<Arc<crate::gate::Gate>>>,
 }
 
 impl Shared {
@@ -166,6 +169,7 @@ impl Shared {
             holder: std::sync::Mutex::new(holder::HolderIds::new()),
             holder_scripts: holder::HolderScripts::new(),
             holder_started: AtomicBool::new(false),
+            prefetch: std::sync::Mutex::new(None),
         }
     }
 }
@@ -271,6 +275,10 @@ impl Broker for RedisBroker {
 
     async fn stop_consuming(&self) -> Result<(), BrokerError> {
         self.shared.stop_consuming().await
+    }
+
+    async fn set_prefetch(&self, prefetch: u16) -> Result<(), BrokerError> {
+        self.shared.set_prefetch(prefetch).await
     }
 
     async fn publish(

@@ -1,4 +1,6 @@
 """Discovered by omega|ml's Celery app (`autodiscover_tasks(OMEGA_CELERY_IMPORTS, 'tasks')`)."""
+import time
+
 from celery import shared_task
 
 
@@ -24,3 +26,12 @@ def fails(self, message):
 @shared_task(bind=True)
 def add(self, a, b):
     return a + b
+
+
+@shared_task(bind=True)
+def sleeps(self, seconds):
+    """Sleeps; returns when it ran (wall clock, the worker's host) so a test can check how many ran
+    at once and how far apart they started (remote control pool_grow/pool_shrink, rate_limit)."""
+    start = time.time()
+    time.sleep(seconds)
+    return {"start": start, "end": time.time()}
