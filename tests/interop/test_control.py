@@ -112,7 +112,8 @@ def test_inspect_payload_shapes(broker, worker, client_factory, q):
 
 
 def test_om_runtime_discovery(broker, worker, q, om_factory):
-    """om.runtime.labels()/workers()/stats()/status() include om-worker (status needs a heartbeat)."""
+    """om.runtime.labels()/workers()/stats() include om-worker; status() and events.latest(), which
+    wait for a heartbeat, are in test_runtime_status.py."""
     w = worker(broker.url, [q], concurrency=2)
     om = om_factory(broker.url)
     rt = om.runtime
@@ -122,17 +123,6 @@ def test_om_runtime_discovery(broker, worker, q, om_factory):
     assert workers.get(w.nodename) == [], workers
     stats = rt.stats()
     assert stats[w.nodename]["pool"]["max-concurrency"] == 2, stats
-    if broker.kind == "redis":
-        # status() blocks until omega|ml's CeleryEventStream has received a worker-heartbeat, and
-        # kombu's Redis event capture takes 15-100 s to deliver the first one, with omega|ml's own
-        # Python worker too (measured: 98.7 s for `celery worker`, 14.7 s for om-worker, both
-        # publishing every 2 s on /0.celeryev/worker.heartbeat). That the heartbeats are on Redis
-        # in the form kombu reads is checked by test_events_dump_shows_heartbeats[redis].
-        return
-    status = rt.status()
-    assert w.nodename in status, status
-    st = status[w.nodename]
-    assert st["queues"] == [q] and st["concurrency"] == 2 and len(st["loadavg"]) == 3, st
 
 
 def test_revoke_queued_eta_task(broker, worker, client_factory, q):
