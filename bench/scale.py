@@ -51,7 +51,8 @@ def succeeded_ids(worker):
             fields = json.loads(line).get("fields") or {}
         except ValueError:
             continue
-        if fields.get("message") == "task succeeded" and fields.get("task_id"):
+        # "task succeeded in 4.123s"
+        if str(fields.get("message", "")).startswith("task succeeded") and fields.get("task_id"):
             ids.append(fields["task_id"])
     return ids
 
@@ -111,6 +112,10 @@ def run_once(om, mongo, run_dir, broker, k, sleep_s, per_worker, scale_down=Fals
         res["makespan_s"] = round(t_last - t0, 2)
         res["throughput_per_s"] = round(n / (t_last - t0), 3)
         res["ideal_makespan_s"] = round(n / k * sleep_s, 1)
+        if scale_down and "sigterm_at_done" in res:
+            # the first tasks on k workers, the rest on the k - k//2 left
+            done = res["sigterm_at_done"]
+            res["ideal_makespan_s"] = round(done / k * sleep_s + (n - done) / (k - k // 2) * sleep_s, 1)
         res["final"] = len(final)
         res["succeeded"] = sum(1 for s, _ in final.values() if s == "SUCCESS")
         for w in stopped:
@@ -172,13 +177,14 @@ def markdown(rows, machine):
     if downs:
         L += ["", "Scale-down: SIGTERM (warm shutdown) to half of 8 workers once a third of the results "
               "were in; the stopped workers finish their running task and give back what they held.", "",
-              "| broker | tasks | SIGTERM at | makespan s | per worker (last 4 stopped) | exit codes | "
+              "| broker | tasks | SIGTERM at | makespan s (ideal) | per worker (last 4 stopped) | exit codes | "
               "succeeded | ran twice | not run | job_runs≠1 |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in downs:
             if "makespan_s" not in r:
                 L.append(f"| {r['broker']} | {r['n']} | error: {r.get('error', '?')[:80]} |")
                 continue
-            L.append(f"| {r['broker']} | {r['n']} | {r.get('sigterm_at_done')} done | {r['makespan_s']} | "
+            L.append(f"| {r['broker']} | {r['n']} | {r.get('sigterm_at_done')} done | {r['makespan_s']} "
+                     f"({r['ideal_makespan_s']}) | "
                      f"{'/'.join(map(str, r['per_worker']))} | {r.get('stopped_exit')} | "
                      f"{r['succeeded']}/{r['n']} | {r['ran_twice']} | {r['not_run']} | {r['job_runs_not_one']} |")
     return "\n".join(L) + "\n"
@@ -222,6 +228,7 @@ def main():
     md = markdown(rows, machine)
     print(md)
     if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     if a.markdown:
         import run as benchrun
