@@ -342,6 +342,26 @@ def omega_celery_app(broker_url, backend_url):
     return app
 
 
+@pytest.fixture
+def om_factory(mongo, names):
+    """omega|ml clients (Omega(...)) for a broker; their apps are closed at teardown."""
+    made = []
+
+    def make(broker_url):
+        from omegaml import Omega
+        om = Omega(mongo_url=mongo, celeryconf=omega_celery_conf(broker_url, "rpc://"))
+        made.append(om)
+        names.track(om.runtime.celeryapp.thread_oid)
+        return om
+
+    yield make
+    for om in made:
+        try:
+            om.runtime.celeryapp.close()
+        except Exception:
+            pass
+
+
 class Client:
     def __init__(self, app, names):
         self.app = app

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import VENV, omega_celery_conf, wait_until, worker_env
+from conftest import VENV, wait_until, worker_env
 
 # This module runs no notebook: its workers pre-start no kernels (see conftest's `worker`).
 WORKER_KERNELS = False
@@ -40,26 +40,6 @@ def inspect(app, node, method, timeout=10, **kw):
     """One inspect call against `node`; its payload (None if it did not answer)."""
     replies = getattr(app.control.inspect(destination=[node], timeout=timeout), method)(**kw) or {}
     return replies.get(node)
-
-
-@pytest.fixture
-def om_factory(mongo, names):
-    """omega|ml clients (Omega(...)) for a broker; their apps are closed at teardown."""
-    made = []
-
-    def make(broker_url):
-        from omegaml import Omega
-        om = Omega(mongo_url=mongo, celeryconf=omega_celery_conf(broker_url, "rpc://"))
-        made.append(om)
-        names.track(om.runtime.celeryapp.thread_oid)
-        return om
-
-    yield make
-    for om in made:
-        try:
-            om.runtime.celeryapp.close()
-        except Exception:
-            pass
 
 
 def test_celery_cli_inspect_and_status(broker, worker, q, mongo, tmp_path):

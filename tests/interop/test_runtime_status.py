@@ -16,29 +16,10 @@ import time
 
 import pytest
 
-from conftest import omega_celery_app, omega_celery_conf
+from conftest import omega_celery_app
 
 # No notebook runs here: the workers start no kernels (see conftest's `worker`).
 WORKER_KERNELS = False
-
-
-@pytest.fixture
-def om_client(mongo, names):
-    made = []
-
-    def make(broker_url):
-        from omegaml import Omega
-        om = Omega(mongo_url=mongo, celeryconf=omega_celery_conf(broker_url, "rpc://"))
-        made.append(om)
-        names.track(om.runtime.celeryapp.thread_oid)
-        return om
-
-    yield make
-    for om in made:
-        try:
-            om.runtime.celeryapp.close()
-        except Exception:
-            pass
 
 
 def _interval(broker):
@@ -57,9 +38,9 @@ def _latest_of(om, nodename, deadline_s):
     pytest.fail(f"no heartbeat of {nodename} from om.runtime.events.latest() in {deadline_s}s")
 
 
-def test_events_latest_returns_om_workers_heartbeat(broker, worker, q, om_client):
+def test_events_latest_returns_om_workers_heartbeat(broker, worker, q, om_factory):
     w = worker(broker.url, [q], concurrency=2, extra=_interval(broker))
-    om = om_client(broker.url)
+    om = om_factory(broker.url)
     t0 = time.monotonic()
     ev = _latest_of(om, w.nodename, 90)
     took = time.monotonic() - t0
@@ -70,10 +51,10 @@ def test_events_latest_returns_om_workers_heartbeat(broker, worker, q, om_client
     print(f"events.latest() on {broker.kind}: {took:.1f}s")
 
 
-def test_status_lists_om_worker(broker, worker, q, om_client):
+def test_status_lists_om_worker(broker, worker, q, om_factory):
     """The whole `om.runtime.status()`: labels(), stats() and the latest heartbeat, combined."""
     w = worker(broker.url, [q], concurrency=3, extra=_interval(broker))
-    om = om_client(broker.url)
+    om = om_factory(broker.url)
     t0 = time.monotonic()
     status = om.runtime.status()
     took = time.monotonic() - t0
