@@ -21,7 +21,17 @@ use om_worker::schedule::{self, cron, ScheduleError};
 use om_worker::store::{naive_as_bson, Store};
 use om_worker::tasks::execute_scripts::{ExecuteScripts, Parent};
 
-const PORT: u16 = 27217;
+/// A free 127.0.0.1 port, picked once per test binary (a fixed port collides with any other
+/// SecantusDB or mongod a developer runs).
+fn port() -> u16 {
+    static PORT: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+    *PORT.get_or_init(|| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free local port")
+    })
+}
 const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 
 fn root() -> PathBuf {
@@ -33,15 +43,16 @@ struct Secantus;
 
 impl Secantus {
     fn start() -> Secantus {
-        let dir = root().join("target").join(format!("secantus-{PORT}"));
+        let dir = root().join("target").join(format!("secantus-{}", port()));
         let out = Command::new(root().join("scripts/secantus.sh"))
-            .args(["start", "--port", &PORT.to_string(), "--dir"])
+            .args(["start", "--port", &port().to_string(), "--dir"])
             .arg(&dir)
             .output()
             .expect("scripts/secantus.sh runs");
         assert!(
             out.status.success(),
-            "SecantusDB did not start on port {PORT} (scripts/secantus.sh; needs the venv):\n{}\n{}",
+            "SecantusDB did not start on port {} (scripts/secantus.sh; needs the venv):\n{}\n{}",
+            port(),
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
@@ -52,7 +63,7 @@ impl Secantus {
 impl Drop for Secantus {
     fn drop(&mut self) {
         let _ = Command::new(root().join("scripts/secantus.sh"))
-            .args(["stop", "--port", &PORT.to_string()])
+            .args(["stop", "--port", &port().to_string()])
             .output();
     }
 }
@@ -104,7 +115,7 @@ async fn schedule_and_fire_against_secantusdb_and_redis() {
         "omw_sched_{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
-    let url = format!("mongodb://127.0.0.1:{PORT}/{dbname}");
+    let url = format!("mongodb://127.0.0.1:{}/{dbname}", port());
     let store = Store::connect(&url, Duration::from_secs(10))
         .await
         .expect("connect");
