@@ -28,4 +28,14 @@ cargo build --locked
 cargo test --locked -- --test-threads=2
 
 step "interop tests (unchanged Python celery/omega|ml clients against the om-worker binary)"
-.venv/bin/python -m pytest tests/interop -q -p no:cacheprovider
+# Most of the suite waits (on sleeping notebooks, leases, outages), so its modules run two at a time
+# (pytest-xdist, one module per process: module fixtures such as test_tls's RabbitMQ node are set up
+# once; each process has its own SecantusDB; queue names are unique per test). Tests marked
+# `exclusive` stop the machine's RabbitMQ and run alone afterwards. Both parts always run.
+interop_jobs="${OMW_INTEROP_JOBS:-2}"
+rc=0
+.venv/bin/python -m pytest tests/interop -q -p no:cacheprovider -m "not exclusive" \
+  -n "$interop_jobs" --dist loadfile || rc=$?
+step "interop tests that stop RabbitMQ (alone)"
+.venv/bin/python -m pytest tests/interop -q -p no:cacheprovider -m exclusive || rc=$?
+exit "$rc"

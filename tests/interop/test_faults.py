@@ -170,6 +170,7 @@ def control_ping(node, timeout=1.0):
 # 1. RabbitMQ restart mid-run
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.exclusive  # stops the machine's RabbitMQ: nothing else may run meanwhile
 def test_rabbitmq_restart_mid_run_loses_nothing(worker, mongo, names, tmp_path):
     label = names.queue("fault-rmq")
     nb = f"rmq{short_id()}"
