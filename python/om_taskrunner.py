@@ -741,6 +741,7 @@ def _execute(request, result_dir):
         return _failure(e if not isinstance(e, RecursionError)
                         else ValueError("typed JSON: nesting too deep"),
                         traceback.format_exc())
+    _offer_warm_omega(task, kwargs)
 
     # the request dict as celery.worker.request.Request + trace_task_ret build it
     delivery_info = dict(req_in.get("delivery_info") or {})
@@ -970,16 +971,25 @@ def preload_for_fork():
 OWNER_WATCHED = False
 
 _warmed = None  # the hostname warm_up() initialised this process for (a spare child)
+_warm_omega = None  # (omega|ml instance, its warm-up thread) from warm_up(), until the task takes it
+
+#: what warm_up() looks up in each store to open it (a name no one stores: one find, no result)
+WARM_UP_NAME = "__om-worker warm-up: no such object__"
+#: how long a task that arrives while the warm-up still runs waits for it before setting up its
+#: own omega|ml instance, as a cold child does (the warm-up normally takes tens of ms)
+WARM_UP_WAIT_S = 1.0
 
 
 def warm_up(hostname):
     """In a spare task child (forked ahead of its task, see om_forkserver's ``spare`` op): what
     every task child does before its task that does not depend on the task -- Celery's
     worker-process init (as a prefork pool child right after its fork) and the default omega|ml
-    instance (what ``OmegamlTask.om`` returns for the default auth) with its MongoDB client
-    connecting in the background, so the task finds the connection open. Runs in the child
-    only: nothing returns to the fork server, and the child runs at most one task."""
-    global _warmed
+    instance (what a fresh process's first ``OmegamlTask.om`` creates for the default auth), its
+    datasets and models stores opened in the background: MongoDB connected (omega|ml pings),
+    GridFS and metadata indexes ensured, as their first use in the task would. ``_execute`` hands
+    that instance to the task (``_offer_warm_omega``). Runs in the child only: nothing returns to
+    the fork server, and the child runs at most one task."""
+    global _warmed, _warm_omega
     app = load_app()
     _init_worker_process(app, hostname)
     _warmed = hostname
@@ -991,18 +1001,63 @@ def warm_up(hostname):
             return
         deferred.setup()
         om = deferred.omega
-        db = om.datasets.mongodb  # the client (pymongo connects lazily)
     except Exception:  # the task sets omega|ml up itself, as a cold child does
         traceback.print_exc()
         return
 
-    def connect():
+    def open_stores():
         try:
-            db.command("ping")
+            from omegaml.store.base import OmegaStore
+
+            for store in (om.datasets, om.models):
+                # the store's own lookup, without the mixins' extra queries: connects the client,
+                # ensures the GridFS and metadata indexes (idempotent; read-only users are
+                # tolerated by omega|ml), one find
+                OmegaStore.metadata(store, WARM_UP_NAME)
         except Exception:  # reported by the task's own first command, if it still fails
             pass
 
-    threading.Thread(target=connect, name="om-warm-mongodb", daemon=True).start()
+    thread = threading.Thread(target=open_stores, name="om-warm-omega", daemon=True)
+    thread.start()
+    _warm_omega = (om, thread)
+
+
+def _offer_warm_omega(task, kwargs):
+    """Before the task in a spare child: let ``OmegamlTask.om`` find warm_up()'s instance.
+
+    omega|ml gets a task's instance from ``AuthenticationEnv.get_omega_for_task(task, auth)``,
+    which calls ``omegaml.setup()`` -- a new ``Omega`` whose stores connect and ensure their
+    indexes on first use (~11 MongoDB commands, ~15 ms in the task) -- and memoises it in its
+    session cache; in a fresh process that first instance also becomes the module default. Here
+    the module default is warm_up()'s instance, so the same instance goes into that cache for
+    this task's key: what a cold child builds, already open. Only for omega|ml's own
+    environment (an auth env that overrides ``get_omega_for_task``, e.g. omega|ml cloud, builds
+    per-user instances and is left alone); anything unexpected leaves the task to set up its own,
+    as before."""
+    global _warm_omega
+    if _warm_omega is None:
+        return
+    om, thread = _warm_omega
+    _warm_omega = None
+    thread.join(WARM_UP_WAIT_S)
+    if thread.is_alive():  # MongoDB slow to answer: not shared with a thread still using it
+        return
+    try:
+        from omegaml.client.auth import AuthenticationEnv
+
+        auth_env = getattr(task, "auth_env", None)
+        memo = AuthenticationEnv.get_omega_for_task.__func__
+        if auth_env is None or getattr(auth_env.get_omega_for_task, "__func__", None) is not memo:
+            return
+        cache, key_of = getattr(memo, "cache", None), getattr(memo, "cache_key", None)
+        if cache is None or key_of is None:
+            return
+        auth = kwargs.get("__auth") if isinstance(kwargs, dict) else None
+        key = key_of(auth_env, task, auth=auth)  # how the memo keys the task's own call
+        if key not in cache:
+            cache[key] = om
+    except Exception:  # e.g. an unhashable auth token: the task's own call handles it as before
+        return
 
 
 def _reset_default_omega():

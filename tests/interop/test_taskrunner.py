@@ -80,6 +80,44 @@ def om_context(self, *args, **kwargs):
     return out
 
 
+# MongoDB commands that set a client or store up (connect check, indexes), counted from Celery's
+# task_prerun on: the listener is registered before any client exists, so every child has it
+from celery.signals import task_prerun
+from pymongo import monitoring
+
+_SETUP = {"armed": False, "commands": []}
+
+
+class _SetupCommands(monitoring.CommandListener):
+    def started(self, event):
+        if _SETUP["armed"] and event.command_name in ("ping", "hello", "createIndexes", "listIndexes"):
+            _SETUP["commands"].append(event.command_name)
+
+    def succeeded(self, event):
+        pass
+
+    def failed(self, event):
+        pass
+
+
+monitoring.register(_SetupCommands())
+
+
+@task_prerun.connect
+def _arm_setup_count(**_):
+    _SETUP["armed"] = True
+
+
+@shared_task(bind=True, base=OmegamlTask, name="omw_runner_tasks.om_warmth")
+def om_warmth(self, *args, **kwargs):
+    """Which omega|ml instance the task got, and the set-up commands issued since the task began
+    (OmegamlTask's __call__ uses the datasets and models stores before this body runs)."""
+    import omegaml
+    om = self.om
+    om.datasets.metadata("no-such-object")
+    return {"is_default": om is getattr(omegaml._omega._om, "omega", None), "bucket": om.bucket,
+            "setup_commands": sorted(set(_SETUP["commands"]))}
+
 @shared_task(bind=True, name="omw_runner_tasks.retrying")
 def retrying(self, x, new_args=False):
     if new_args:
@@ -694,6 +732,27 @@ def test_spare_children_run_one_task_each_and_start_clean(server, omdata):
                                         kwargs=omega_kwargs(rName=None), spare=c)
     got = pickle.loads(assert_success(ex, outcome, files))
     np.testing.assert_allclose(np.asarray(got), omdata["local"].predict(omdata["X"]))
+
+
+def test_a_spare_hands_its_open_omega_instance_to_the_task(server, omdata):
+    """A spare opens the default omega|ml instance's datasets and models stores before its task
+    (MongoDB connected, indexes ensured) and the task's `self.om` is that instance -- the one a
+    cold child's first `self.om` creates and makes the module default: the task sends no set-up
+    command (a cold child's sends ping and createIndexes). With another bucket the task gets
+    omega|ml's own clone, as before."""
+    c = server.spare()
+    _, ex, outcome, files = server.task("omw_runner_tasks.om_warmth", kwargs=omega_kwargs(), spare=c)
+    warm = pickle.loads(assert_success(ex, outcome, files))
+    assert warm == {"is_default": True, "bucket": None, "setup_commands": []}, warm
+    _, ex, outcome, files = server.task("omw_runner_tasks.om_warmth", kwargs=omega_kwargs())
+    cold = pickle.loads(assert_success(ex, outcome, files))
+    assert cold["is_default"] is True and cold["bucket"] is None, cold
+    assert {"ping", "createIndexes"} <= set(cold["setup_commands"]), cold
+    c = server.spare()
+    _, ex, outcome, files = server.task("omw_runner_tasks.om_warmth",
+                                        kwargs=td({"pure_python": False, "__bucket": "other"}), spare=c)
+    other = pickle.loads(assert_success(ex, outcome, files))
+    assert other["bucket"] == "other" and other["is_default"] is False, other
 
 
 def test_spare_misuse_and_retire(server):
