@@ -635,6 +635,34 @@ pub fn explain(service: &str, trust: Option<&str>, error: &str) -> Option<String
     ))
 }
 
+/// A TLS connection that the server closed (reset, end of file) while the
+/// protocol's own handshake was starting, explained; `None` for other errors.
+/// With TLS 1.3 the client's side of the handshake is done before the server
+/// has checked the client certificate, so a server that refuses ours (or
+/// wants one) closes the connection afterwards and its alert is often lost to
+/// the reset: seen from here, a closed connection. Call only for connections
+/// that are TLS.
+pub fn explain_closed(service: &str, trust: Option<&str>, error: &str) -> Option<String> {
+    let t = error.to_ascii_lowercase();
+    let closed = [
+        "connection reset",
+        "unexpected eof",
+        "unexpectedeof",
+        "broken pipe",
+    ]
+    .iter()
+    .any(|k| t.contains(k));
+    if !closed || TlsFailure::classify(error).is_some() {
+        return None;
+    }
+    let trust = trust.map(|t| format!("; trusted: {t}")).unwrap_or_default();
+    Some(format!(
+        "{service}: TLS {}{trust} (the server closed the connection right after the TLS \
+         handshake: {error})",
+        TlsFailure::ClientCertificateRefused.describe()
+    ))
+}
+
 /// The URL om-worker's own MongoDB client parses: `mongo_url` with
 /// omega|ml's `tls=OMEGA_USESSL, tlsCAFile=CA_CERTS_PATH` applied as pymongo
 /// applies keyword arguments (over the URL's own). Off, the URL is used as
@@ -911,6 +939,28 @@ mod tests {
         let s = TlsSettings::new(&p, None).expect("ok");
         s.rustls_config().expect("rustls config");
         s.redis_client("rediss://127.0.0.1:1/0").expect("client");
+    }
+
+    #[test]
+    fn a_closed_tls_connection_points_at_the_client_certificate() {
+        let line = explain_closed(
+            "amqps",
+            Some("CA /pki/ca.pem"),
+            "IO error: Connection reset by peer (os error 104)",
+        )
+        .expect("explained");
+        assert!(line.contains("client certificate"), "{line}");
+        assert!(line.contains("ssl_certfile"), "{line}");
+        assert!(line.contains("trusted: CA /pki/ca.pem"), "{line}");
+        assert!(line.contains("Connection reset by peer"), "{line}");
+        // other errors, and TLS failures explain() already names, are left alone
+        assert!(explain_closed("amqps", None, "connection refused").is_none());
+        assert!(explain_closed(
+            "amqps",
+            None,
+            "invalid peer certificate: UnknownIssuer; connection reset"
+        )
+        .is_none());
     }
 
     #[test]

@@ -97,6 +97,12 @@ def pki(tmp_path_factory):
     _run(["openssl", "x509", "-req", "-in", str(d / "client.csr"), "-CA", str(d / "ca.pem"),
           "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-out", str(d / "client.pem"), "-days", "2",
           "-extfile", str(d / "client.cnf")])
+    # a client certificate from a CA the servers do not trust
+    _run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "bad-client.key"),
+          "-out", str(d / "bad-client.csr"), "-subj", "/CN=om-worker stranger"])
+    _run(["openssl", "x509", "-req", "-in", str(d / "bad-client.csr"), "-CA", str(d / "other-ca.pem"),
+          "-CAkey", str(d / "other-ca.key"), "-CAcreateserial", "-out", str(d / "bad-client.pem"),
+          "-days", "2", "-extfile", str(d / "client.cnf")])
     # readable by the servers whatever user they drop to
     for p in d.iterdir():
         p.chmod(0o644)
@@ -135,6 +141,22 @@ def tls_redis_mutual(pki, tmp_path_factory):
         _stop(proc)
 
 
+class TlsRabbit(int):
+    """The TLS node's port (an int, as the tests format it into URLs), with its node name and the
+    environment its rabbitmqctl needs."""
+
+    def __new__(cls, port, node, env):
+        obj = super().__new__(cls, port)
+        obj.node, obj.env = node, env
+        return obj
+
+    def ctl(self, *args):
+        proc = subprocess.run([f"{RABBIT_BIN}/rabbitmqctl", "-q", "-n", self.node, *args], env=self.env,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, f"rabbitmqctl {args}: {proc.stdout}{proc.stderr}"
+        return proc.stdout
+
+
 @pytest.fixture(scope="module")
 def tls_rabbit(pki, tmp_path_factory):
     """A second RabbitMQ node of our own with only a TLS listener; its own HOME (Erlang cookie)."""
@@ -150,7 +172,9 @@ def tls_rabbit(pki, tmp_path_factory):
         f"ssl_options.cacertfile = {pki / 'ca.pem'}\n"
         f"ssl_options.certfile = {pki / 'server.pem'}\n"
         f"ssl_options.keyfile = {pki / 'server.key'}\n"
-        "ssl_options.verify = verify_none\n"
+        # a client certificate is checked against our CA when one is presented (the amqps mutual
+        # TLS test); clients without one are let in (the other amqps tests)
+        "ssl_options.verify = verify_peer\n"
         "ssl_options.fail_if_no_peer_cert = false\n"
         "loopback_users = none\n")
     (d / "plugins").write_text("")
@@ -174,7 +198,7 @@ def tls_rabbit(pki, tmp_path_factory):
                             f"{log.read_text(errors='replace')[-3000:]}", pytrace=False)
             time.sleep(1)
         _wait_port(port, proc, f"RabbitMQ {node}", log)
-        yield port
+        yield TlsRabbit(port, node, env)
     finally:
         subprocess.run([f"{RABBIT_BIN}/rabbitmqctl", "-n", node, "stop"], env=env, capture_output=True,
                        timeout=60)
@@ -359,6 +383,24 @@ def test_client_certificate(worker, names, om_worker_bin, tmp_path, pki, tls_red
     url = f"{base}&ssl_certfile={pki / 'client.pem'}&ssl_keyfile={pki / 'client.key'}"
     w = worker(url, [names.queue("tls")], extra=["--kernel-pool", "0", "--lazy-fork-server"])
     assert w.consuming, w.log_tail()
+
+
+def test_amqps_client_certificate(worker, names, om_worker_bin, tmp_path, pki, tls_rabbit, mongo):
+    """Mutual TLS on AMQP: the certificate in ssl_certfile/ssl_keyfile is presented (RabbitMQ lists
+    its subject on the connection); one from a CA the node does not trust is refused, and that
+    refusal is named at start."""
+    base = f"amqps://guest:guest@localhost:{tls_rabbit}//?ssl_ca_certs={pki / 'ca.pem'}"
+    bad = f"{base}&ssl_certfile={pki / 'bad-client.pem'}&ssl_keyfile={pki / 'bad-client.key'}"
+    rc, took, out = _start_expecting_failure(
+        om_worker_bin, tmp_path, {"OMEGA_BROKER": bad, "OMEGA_RESULT_BACKEND": "rpc://", "OMEGA_MONGO_URL": mongo})
+    assert rc != 0, out[-4000:]
+    assert "client certificate" in out and "ssl_certfile" in out, f"({took:.1f}s)\n{out[-4000:]}"
+    assert "ready: consuming" not in out, out[-4000:]
+    url = f"{base}&ssl_certfile={pki / 'client.pem'}&ssl_keyfile={pki / 'client.key'}"
+    w = worker(url, [names.queue("tls")], extra=["--kernel-pool", "0", "--lazy-fork-server"])
+    assert w.consuming, w.log_tail()
+    subjects = tls_rabbit.ctl("list_connections", "peer_cert_subject")
+    assert "CN=om-worker client" in subjects, subjects
 
 
 @pytest.mark.parametrize("url", ["amqps://guest:guest@127.0.0.1:5672//", "rediss://127.0.0.1:6379/0"],

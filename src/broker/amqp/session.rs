@@ -65,7 +65,11 @@ impl Inner {
         .map_err(|e| {
             let text = e.to_string();
             let trust = self.tls.as_ref().map(|(_, t)| t.as_str());
-            BrokerError::Connection(crate::tls::explain("amqps", trust, &text).unwrap_or(text))
+            let explained = crate::tls::explain("amqps", trust, &text).or_else(|| {
+                // only a TLS connection can have been closed for its certificate
+                trust.and_then(|_| crate::tls::explain_closed("amqps", trust, &text))
+            });
+            BrokerError::Connection(explained.unwrap_or(text))
         })?;
         let publish = conn
             .create_channel()
