@@ -1,5 +1,5 @@
 //! Scheduling against real servers: SecantusDB (MongoDB wire protocol,
-//! started with scripts/secantus.sh on port 27217) and Redis as the broker.
+//! started with scripts/secantus.sh on a free port) and Redis as the broker.
 //!
 //! Covers `om.jobs.schedule()` semantics (config['run-at'], PENDING trigger
 //! replaced, history kept, base time from job_runs, path-level updates only),
