@@ -247,6 +247,14 @@ class TcpOutage:
         self._conns = set()
         self._listener = None
         self._accepting = None
+        self._cut_after = None  # bytes: cut right after relaying a server reply containing them
+        self._frozen = False
+
+    def cut_after_reply_containing(self, marker):
+        """Relay until a reply from the server contains `marker`, pass that reply on, then cut:
+        from that moment nothing more reaches either side (what the client sends next is lost, as
+        in a partition that begins right after the reply)."""
+        self._cut_after = marker
 
     def url(self, scheme="redis", path="/0"):
         return f"{scheme}://127.0.0.1:{self.port}{path}"
@@ -266,6 +274,10 @@ class TcpOutage:
         return self
 
     start = restore
+
+    def _cut_frozen(self):
+        self.cut()
+        self._frozen = False  # a restore() relays again
 
     def cut(self):
         with self._lock:
@@ -306,14 +318,21 @@ class TcpOutage:
                     up.close()
                     return
                 self._conns.update((down, up))
-            for src, dst in ((down, up), (up, down)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+            for src, dst, from_server in ((down, up, False), (up, down, True)):
+                threading.Thread(target=self._pump, args=(src, dst, from_server), daemon=True).start()
 
-    def _pump(self, src, dst):
+    def _pump(self, src, dst, from_server=False):
         try:
             while True:
                 data = src.recv(65536)
-                if not data:
+                if not data or self._frozen:
+                    break
+                marker = self._cut_after
+                if from_server and marker is not None and marker in data:
+                    self._frozen = True  # every pump drops what it reads from now on
+                    self._cut_after = None
+                    dst.sendall(data)
+                    threading.Thread(target=self._cut_frozen, daemon=True).start()
                     break
                 dst.sendall(data)
         except OSError:

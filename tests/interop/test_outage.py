@@ -11,6 +11,10 @@ with `AsyncResult.get()`, as a user does.
   nothing is left in kombu's `unacked` hash.
 - RabbitMQ broker (up all along), `redis://` backend through the relay: results of tasks finishing
   during the backend outage reach the client after it.
+- Redis away right after the BRPOP reply that carried a message (the relay cuts after passing it
+  on): the worker retries its `unacked` record; if it must exit before Redis returns it names the
+  message it could not record or return (task id), if Redis returns during the exit the message
+  goes back on its queue and another worker runs it.
 """
 import re
 import time
@@ -18,7 +22,7 @@ import time
 import pytest
 
 import faults_util as fu
-from conftest import AMQP_URL, REDIS_URL, Broker, rabbitmqctl, short_id, wait_until
+from conftest import AMQP_URL, PING_TASK, REDIS_URL, Broker, rabbitmqctl, short_id, wait_until
 
 WORKER_KERNELS = False
 OUTAGE_S = 10
@@ -106,6 +110,60 @@ def test_redis_outage_with_rpc_backend_loses_no_result_and_runs_each_task_once(
     assert "dropped, the client will not see it" not in log
     assert "panicked" not in log
     assert w.alive()
+
+
+def test_exit_during_an_outage_names_a_popped_message_it_could_not_record(
+        redis_relay, worker, client_factory, names):
+    """The BRPOP reply carrying a message reaches the worker and Redis goes away before its
+    `unacked` record can be written (the relay passes that reply on and then cuts; the record is
+    lost on the way). The worker keeps retrying the record; told to exit while Redis is still
+    away, it says once, with the task id, that the message could not be recorded or returned --
+    never a silent drop -- and still exits cleanly."""
+    q = names.queue("outage-pop")
+    w = worker(redis_relay.url(), [q], backend="rpc://", concurrency=1)
+    c = client_factory(REDIS_URL, "rpc://")
+    tid = names.task_id()
+    redis_relay.cut_after_reply_containing(tid.encode())
+    c.app.send_task(PING_TASK, queue=q, task_id=tid)
+    wait_until(lambda: "could not record unacked delivery; retrying" in w.log(), 30,
+               f"the worker retries the record of the popped message\n{w.log_tail()}")
+    rc = w.terminate(grace=90)
+    log = w.log()
+    lines = [ln for ln in log.splitlines() if "a popped message could not be recorded" in ln]
+    assert len(lines) == 1 and tid in lines[0] and q in lines[0], f"rc {rc}\n{w.log_tail()}"
+    assert "task started" not in log, "ran a message it could not record"
+    assert rc == 0, f"warm shutdown exit code {rc}\n{w.log_tail()}"
+    assert "panicked" not in log
+
+
+def test_a_popped_message_goes_back_to_its_queue_when_redis_returns_during_the_exit(
+        redis_relay, worker, client_factory, names):
+    """As above, but Redis comes back while the worker is exiting: the record is written, nothing
+    takes deliveries any more, so the message is put back on its queue (not run, not lost), and
+    another worker runs it."""
+    q = names.queue("outage-pop-back")
+    w = worker(redis_relay.url(), [q], backend="rpc://", concurrency=1)
+    c = client_factory(REDIS_URL, "rpc://")
+    tid = names.task_id()
+    redis_relay.cut_after_reply_containing(tid.encode())
+    r = c.app.send_task(PING_TASK, queue=q, task_id=tid)
+    wait_until(lambda: "could not record unacked delivery; retrying" in w.log(), 30,
+               f"the worker retries the record of the popped message\n{w.log_tail()}")
+    import threading
+    stopping = threading.Thread(target=w.terminate, kwargs={"grace": 90})
+    stopping.start()
+    wait_until(lambda: "no new tasks" in w.log(), 30, "the warm shutdown began")
+    redis_relay.restore()
+    stopping.join(timeout=120)
+    log = w.log()
+    assert w.returncode == 0, f"warm shutdown exit code {w.returncode}\n{w.log_tail()}"
+    assert "a popped message could not be recorded" not in log, w.log_tail()
+    assert "task started" not in log, "ran a message while exiting"
+    assert Broker("redis").queue_state(q)["ready"] == 1, f"not back on its queue\n{w.log_tail()}"
+    assert not Broker.redis_unacked(q), "left in kombu's unacked hash"
+    w2 = worker(REDIS_URL, [q], backend="rpc://", concurrency=1)
+    assert r.get(timeout=60) is not None
+    assert_once(w2, [tid])
 
 
 def test_result_backend_outage_on_rabbitmq_delivers_every_result_after_it(

@@ -84,13 +84,28 @@ impl Shared {
     /// [`crate::broker::Broker::stop_consuming`]: stops the loop and waits
     /// for it (at most one `BRPOP` timeout plus a record).
     pub(super) async fn stop_consuming(&self) -> Result<(), BrokerError> {
-        self.consumer_stop.lock().await.cancel();
+        let asked_before = {
+            let stop = self.consumer_stop.lock().await;
+            let before = stop.is_cancelled();
+            stop.cancel();
+            before
+        };
         let handle = self.consumer.lock().await.take();
-        if let Some(h) = handle {
+        if let Some(mut h) = handle {
+            if asked_before {
+                // Waited for once already (the warm shutdown's stop; now
+                // close): close waits for it again after marking the broker
+                // closed, which is what ends its retries.
+                *self.consumer.lock().await = Some(h);
+                return Ok(());
+            }
             // At most one BRPOP timeout plus a record.
             let limit = self.opts.brpop_timeout + Duration::from_secs(10);
-            if tokio::time::timeout(limit, h).await.is_err() {
-                warn!("Redis consumer did not stop in time");
+            if tokio::time::timeout(limit, &mut h).await.is_err() {
+                // Only a popped message whose record waits for Redis holds it
+                // this long: kept, so that closing waits for its last word.
+                warn!("Redis consumer did not stop in time (a popped message waits for Redis)");
+                *self.consumer.lock().await = Some(h);
             }
         }
         Ok(())
@@ -335,11 +350,30 @@ async fn deliver(
         {
             Ok(()) => break,
             Err(e) => {
-                error!(tag, error = %e, "could not record unacked delivery; retrying");
                 if shared.closed.load(Ordering::SeqCst) {
+                    // The worker is exiting and Redis has not answered through
+                    // its whole shutdown: the message left its list with our
+                    // BRPOP and nothing here can put it back. If the record
+                    // reached Redis (only its reply was lost) the holder lease
+                    // or kombu's visibility timeout restores it; if not, it is
+                    // gone. Said once, with its id, never silently.
+                    error!(
+                        tag,
+                        queue = dest,
+                        task_id = message.correlation_id.as_deref().unwrap_or("?"),
+                        error = %e,
+                        "exiting while Redis does not answer: a popped message could not be \
+                         recorded or returned to its queue; it is lost unless its record \
+                         reached Redis"
+                    );
                     return false;
                 }
-                backoff.wait().await;
+                error!(tag, error = %e, "could not record unacked delivery; retrying");
+                tokio::select! {
+                    _ = backoff.wait() => {}
+                    // closing: one more try, then the word above
+                    _ = shared.shutdown.cancelled() => {}
+                }
             }
         }
     }

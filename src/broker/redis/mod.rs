@@ -297,6 +297,12 @@ impl Broker for RedisBroker {
         debug!(restored = n, "restored own unsettled deliveries on close");
         self.shared.ack_pending_once().await;
         self.shared.shutdown.cancel();
+        // A consumer still retrying a record (stop_consuming gave up waiting):
+        // it tries once more and returns the message or says it could not.
+        let consumer = self.shared.consumer.lock().await.take();
+        if let Some(h) = consumer {
+            let _ = tokio::time::timeout(Duration::from_secs(10), h).await;
+        }
         self.shared.drop_holder().await;
         let restorer = self.shared.restorer.lock().await.take();
         if let Some(h) = restorer {
