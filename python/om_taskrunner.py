@@ -1039,6 +1039,8 @@ def _offer_warm_omega(task, kwargs):
         return
     om, thread = _warm_omega
     _warm_omega = None
+    # joined for every task, omega|ml's or not: task code may use the module default instance
+    # (`import omegaml as om`), which the thread is opening (normally done long before the task)
     thread.join(WARM_UP_WAIT_S)
     if thread.is_alive():  # MongoDB slow to answer: not shared with a thread still using it
         return
