@@ -80,29 +80,24 @@ def pki(tmp_path_factory):
         _run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / f"{name}.key"),
               "-out", str(d / f"{name}.pem"), "-days", "2", "-subj", f"/CN={cn}"])
 
+    def leaf(name, cn, signer, ext):
+        """`name`.key/.pem: a key and a certificate for `cn`, signed by `signer`, with `ext`."""
+        (d / f"{name}.cnf").write_text(ext)
+        _run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / f"{name}.key"),
+              "-out", str(d / f"{name}.csr"), "-subj", f"/CN={cn}"])
+        _run(["openssl", "x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / f"{signer}.pem"),
+              "-CAkey", str(d / f"{signer}.key"), "-CAcreateserial", "-out", str(d / f"{name}.pem"),
+              "-days", "2", "-extfile", str(d / f"{name}.cnf")])
+
     ca("ca", "om-worker test CA")
     ca("other-ca", "om-worker other CA")
-    _run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "server.key"),
-          "-out", str(d / "server.csr"), "-subj", "/CN=localhost"])
-    (d / "ext.cnf").write_text("subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n"
-                               "keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n")
-    _run(["openssl", "x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"),
-          "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-out", str(d / "server.pem"), "-days", "2",
-          "-extfile", str(d / "ext.cnf")])
+    leaf("server", "localhost", "ca", "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n"
+         "keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n")
+    client_ext = "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n"
     # a client certificate for mutual TLS (ssl_certfile / ssl_keyfile)
-    _run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "client.key"),
-          "-out", str(d / "client.csr"), "-subj", "/CN=om-worker client"])
-    (d / "client.cnf").write_text("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
-                                  "extendedKeyUsage=clientAuth\n")
-    _run(["openssl", "x509", "-req", "-in", str(d / "client.csr"), "-CA", str(d / "ca.pem"),
-          "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-out", str(d / "client.pem"), "-days", "2",
-          "-extfile", str(d / "client.cnf")])
+    leaf("client", "om-worker client", "ca", client_ext)
     # a client certificate from a CA the servers do not trust
-    _run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "bad-client.key"),
-          "-out", str(d / "bad-client.csr"), "-subj", "/CN=om-worker stranger"])
-    _run(["openssl", "x509", "-req", "-in", str(d / "bad-client.csr"), "-CA", str(d / "other-ca.pem"),
-          "-CAkey", str(d / "other-ca.key"), "-CAcreateserial", "-out", str(d / "bad-client.pem"),
-          "-days", "2", "-extfile", str(d / "client.cnf")])
+    leaf("bad-client", "om-worker stranger", "other-ca", client_ext)
     # readable by the servers whatever user they drop to
     for p in d.iterdir():
         p.chmod(0o644)
