@@ -28,6 +28,15 @@ pub const EXCHANGE: &str = "celeryev";
 /// as `freq`; `--heartbeat-interval` changes it).
 pub const HEARTBEAT_FREQ: f64 = 2.0;
 
+/// A requested heartbeat (the `heartbeat` broadcast) is sent at once and
+/// once more this long after. Celery's `EventReceiver(wakeup=True)` sends
+/// the broadcast before kombu's Redis transport subscribes (it subscribes
+/// on the first `drain_events`), so an answer that comes back within a
+/// millisecond, as om-worker's does, usually reaches nobody; the repeat
+/// lands after the subscription, still far sooner than the next interval.
+/// On AMQP the receiver's queue is bound first and the first answer counts.
+pub const HEARTBEAT_ECHO: Duration = Duration::from_millis(250);
+
 /// Routing key of an event type: `worker-heartbeat` → `worker.heartbeat`.
 pub fn routing_key(kind: &str) -> String {
     kind.replace('-', ".")
@@ -85,6 +94,14 @@ pub async fn start(
     tokio::spawn(publisher.run(rx, stop))
 }
 
+/// Sleeps until `at`; never returns when there is nothing to wait for.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 struct Publisher {
     broker: Arc<dyn Broker>,
     state: Arc<WorkerState>,
@@ -99,6 +116,9 @@ impl Publisher {
         let period = Duration::from_secs_f64(self.freq);
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // When the repeat of a requested heartbeat is due (requests within
+        // one echo delay share it).
+        let mut echo: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => {
@@ -106,9 +126,16 @@ impl Publisher {
                     break;
                 }
                 _ = tick.tick() => self.worker("worker-heartbeat").await,
+                _ = sleep_until_some(echo) => {
+                    echo = None;
+                    self.worker("worker-heartbeat").await;
+                }
                 m = rx.recv() => match m {
                     Some(EventOut::Event(ev)) => self.publish(&ev).await,
-                    Some(EventOut::Heartbeat) => self.worker("worker-heartbeat").await,
+                    Some(EventOut::Heartbeat) => {
+                        self.worker("worker-heartbeat").await;
+                        echo.get_or_insert_with(|| tokio::time::Instant::now() + HEARTBEAT_ECHO);
+                    }
                     Some(EventOut::Offline(done)) => {
                         // Task events queued before this went out first.
                         while let Ok(EventOut::Event(ev)) = rx.try_recv() {
@@ -164,5 +191,44 @@ mod tests {
         assert_eq!(m.content_type, "application/json");
         assert_eq!(m.delivery_mode, 1);
         assert_eq!(m.headers.get("hostname"), Some(&Value::Str("w@h".into())));
+    }
+
+    fn heartbeats(broker: &crate::broker::memory::MemoryBroker) -> usize {
+        broker
+            .published()
+            .iter()
+            .filter(|p| p.routing_key == "worker.heartbeat")
+            .count()
+    }
+
+    /// A `heartbeat` request is answered at once and once more after
+    /// [`HEARTBEAT_ECHO`]; requests within that delay share the repeat.
+    #[tokio::test(start_paused = true)]
+    async fn a_requested_heartbeat_is_sent_at_once_and_repeated_once() {
+        let broker = Arc::new(crate::broker::memory::MemoryBroker::new());
+        let state = Arc::new(WorkerState::new(
+            "w@h",
+            &["q".to_owned()],
+            1,
+            4,
+            (0.0, 0.0),
+            "memory://",
+        ));
+        let stop = CancellationToken::new();
+        let task = start(broker.clone(), Arc::clone(&state), 120.0, stop.clone()).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(heartbeats(&broker), 0, "no heartbeat before the interval");
+        state.heartbeat();
+        state.heartbeat();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(heartbeats(&broker), 2, "each request answered at once");
+        tokio::time::sleep(HEARTBEAT_ECHO).await;
+        assert_eq!(heartbeats(&broker), 3, "one shared repeat");
+        tokio::time::sleep(HEARTBEAT_ECHO * 4).await;
+        assert_eq!(heartbeats(&broker), 3, "and no more until the interval");
+        stop.cancel();
+        task.await.expect("events task");
+        let last = broker.published().pop().expect("offline event");
+        assert_eq!(last.routing_key, "worker.offline");
     }
 }
