@@ -105,6 +105,7 @@ fn ctx(state: &WorkerState, slot: usize) -> TaskContext {
         soft_time_limit: None,
         slot,
         gpus: gpus(&["0", "1"]),
+        teardown: Default::default(),
     }
 }
 

@@ -61,6 +61,40 @@ pub struct TaskContext {
     /// Where the message came from (Celery's `request.delivery_info`): a
     /// task's `self.retry()` republishes to the same exchange and routing key.
     pub delivery: DeliveryInfo,
+    /// What must finish before the task's slot is free again, although the
+    /// outcome is known (a Python child still exiting): the worker reports
+    /// the result first, then waits for this.
+    pub teardown: Teardown,
+}
+
+/// Work a task leaves running past its outcome that still occupies its slot
+/// (see [`TaskContext::teardown`]): a GPU task's next run on the same slot
+/// must not start while the previous process still holds the device.
+#[derive(Debug, Clone, Default)]
+pub struct Teardown(Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>);
+
+impl Teardown {
+    /// Runs `work` now; the slot stays taken until it is done.
+    pub fn defer(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
+        let handle = tokio::spawn(work);
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(handle);
+    }
+
+    /// Waits for everything deferred.
+    pub async fn finish(&self) {
+        let handles = std::mem::take(
+            &mut *self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for h in handles {
+            let _ = h.await;
+        }
+    }
 }
 
 /// Celery's `request.delivery_info` of a message.

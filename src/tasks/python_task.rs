@@ -21,6 +21,13 @@
 //!   result serializer; the worker relays those bytes (`Output::Serialized`)
 //!   without decoding them. Exceptions come back as type, module, arguments
 //!   and traceback, and are stored as a Python worker stores them.
+//! - **The result goes out when the outcome is written**, not when the child
+//!   has exited: the child writes a byte to a FIFO in its directory after
+//!   `outcome.json`; the worker reads the outcome and reports it while the
+//!   child's tree is ended (a process with omega|ml and its frameworks mapped
+//!   takes milliseconds to tear down), and frees the slot once it is gone
+//!   ([`super::Teardown`]: a GPU's next task never meets the last one's
+//!   process).
 //! - **A child that dies** (segfault, OOM kill, `os._exit`) is a FAILURE with
 //!   Celery's `WorkerLostError`; cancellation (time limits, revoke with
 //!   terminate, shutdown) ends its whole process group.
@@ -140,6 +147,48 @@ impl PythonTask {
     }
 }
 
+/// The FIFO `done` in the task's directory, opened read-write (so it never
+/// reads end-of-file): the child writes one byte to it after `outcome.json`
+/// is in place (`done_fifo` in the request).
+struct DoneSignal {
+    path: PathBuf,
+    fifo: tokio::net::unix::pipe::Receiver,
+}
+
+impl DoneSignal {
+    fn create(dir: &Path) -> std::io::Result<Self> {
+        let path = dir.join("done");
+        nix::unistd::mkfifo(
+            &path,
+            nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+        )
+        .map_err(std::io::Error::from)?;
+        let fifo = tokio::net::unix::pipe::OpenOptions::new()
+            .read_write(true)
+            .open_receiver(&path)?;
+        Ok(DoneSignal { path, fifo })
+    }
+
+    /// True once the child has written to the FIFO, false if it cannot be
+    /// watched; never returns without a signal (`None`: nothing to wait for).
+    async fn wait(done: Option<&DoneSignal>) -> bool {
+        let Some(done) = done else {
+            return std::future::pending().await;
+        };
+        loop {
+            if done.fifo.readable().await.is_err() {
+                return false;
+            }
+            match done.fifo.try_read(&mut [0u8; 1]) {
+                Ok(n) => return n > 0,
+                // readiness can be a false positive
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
 /// `outcome.json`, written last by the child (see `python/om_taskrunner.py`).
 #[derive(Debug, Deserialize)]
 struct Outcome {
@@ -201,6 +250,17 @@ impl Task for PythonTask {
         let dir_path = dir.0.clone();
         let request_path = dir_path.join("request.json");
         let mut request = request_json(msg, &ctx, rt.serializer, &dir_path);
+        // Without it the result waits for the child's exit (still correct).
+        let done = match DoneSignal::create(&dir_path) {
+            Ok(done) => {
+                request["done_fifo"] = json!(done.path);
+                Some(done)
+            }
+            Err(e) => {
+                debug!("no done signal for the task child ({e}); waiting for its exit");
+                None
+            }
+        };
         if !rt.label_configured() {
             // No OMEGA_WORKER_LABEL/CELERY_Q for omega|ml's app: what the task
             // publishes (the next chain element, callbacks, a retry without a
@@ -221,9 +281,19 @@ impl Task for PythonTask {
         // which kills the group) still bounds the run. Any other
         // cancellation (revoke with terminate, shutdown) ends it now.
         let mut soft_reached = false;
+        let mut done = done;
         let exit = loop {
             tokio::select! {
                 exit = child.exited() => break exit,
+                signalled = DoneSignal::wait(done.as_ref()) => {
+                    done = None;
+                    if signalled && dir_path.join("outcome.json").exists() {
+                        // The child is in its final `os._exit`: the result
+                        // goes out now; its slot is free once its tree is gone.
+                        ctx.teardown.defer(async move { child.kill().await });
+                        return read_outcome(&dir_path, KernelExit::Code(0), rt.serializer);
+                    }
+                }
                 _ = ctx.cancel.cancelled(), if !soft_reached => {
                     if ctx.cancelled_because() == Some(CancelReason::SoftTimeLimit) {
                         soft_reached = true;

@@ -201,7 +201,9 @@ pub(super) async fn handle(s: Arc<Shared>, d: Delivery) {
             priority: message.priority,
             redelivered: message.redelivered,
         },
+        teardown: Default::default(),
     };
+    let teardown = ctx.teardown.clone();
     req.running(&ctx);
     let renewer = ledger.clone().map(|l| renew_lease(l, msg.id.clone()));
     let outcome = run_limited(task.as_ref(), ctx, &msg, hard).await;
@@ -251,6 +253,8 @@ pub(super) async fn handle(s: Arc<Shared>, d: Delivery) {
     }
     timings.mark(Step::LedgerFinish);
     timings.log(&msg.id);
+    // Reported and settled; the slot is free once the task's process is gone.
+    teardown.finish().await;
     drop(permit);
 }
 

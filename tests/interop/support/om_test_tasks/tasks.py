@@ -1,4 +1,6 @@
 """Discovered by omega|ml's Celery app (`autodiscover_tasks(OMEGA_CELERY_IMPORTS, 'tasks')`)."""
+import os
+import sys
 import time
 
 from celery import shared_task
@@ -35,3 +37,42 @@ def sleeps(self, seconds):
     start = time.time()
     time.sleep(seconds)
     return {"start": start, "end": time.time()}
+
+
+class _StallingFlush:
+    """A stdout whose flush stalls from its second call on. om-worker's task runner flushes the
+    standard streams once before it writes the task's outcome; the flush after that (the fork
+    server's, just before the child's `os._exit`) is on the child's way out."""
+
+    def __init__(self, stream, seconds):
+        self.stream, self.seconds, self.calls = stream, seconds, 0
+
+    def write(self, text):
+        return self.stream.write(text)
+
+    def flush(self):
+        self.calls += 1
+        if self.calls > 1:
+            time.sleep(self.seconds)
+        return self.stream.flush()
+
+
+@shared_task(bind=True)
+def lingers(self, seconds, pid_file):
+    """Returns at once, but its process then takes `seconds` to end; writes its pid to `pid_file`."""
+    with open(pid_file, "w") as f:
+        f.write(str(os.getpid()))
+    sys.stdout = _StallingFlush(sys.stdout, seconds)
+    return {"pid": os.getpid(), "end": time.time()}
+
+
+@shared_task(bind=True)
+def gone(self, pid_file):
+    """Whether the process whose pid `pid_file` holds is gone (ended and reaped) as this task runs."""
+    with open(pid_file) as f:
+        pid = int(f.read())
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return {"gone": True, "start": time.time()}
+    return {"gone": False, "start": time.time()}
