@@ -105,6 +105,28 @@ impl Task for Gate {
     }
 }
 
+/// Succeeds at once but leaves teardown work on its slot that runs until
+/// released (a Python child still exiting after its outcome).
+struct Lingers {
+    release: Arc<Semaphore>,
+}
+
+#[async_trait]
+impl Task for Lingers {
+    fn name(&self) -> &'static str {
+        "test.lingers"
+    }
+    async fn run(&self, ctx: TaskContext, _msg: &TaskMessage) -> Result<Output, TaskError> {
+        let release = Arc::clone(&self.release);
+        ctx.teardown.defer(async move {
+            if let Ok(p) = release.acquire().await {
+                p.forget();
+            }
+        });
+        Ok(Value::from("done").into())
+    }
+}
+
 /// Panics.
 struct Panics;
 
@@ -289,6 +311,30 @@ async fn a_task_runs_started_then_success_then_ack() {
         !broker.is_closed(),
         "the worker does not close a broker it does not own"
     );
+}
+
+#[tokio::test]
+async fn the_result_goes_out_before_the_teardown_and_the_slot_waits_for_it() {
+    let release = Arc::new(Semaphore::new(0));
+    let lingers = Arc::new(Lingers {
+        release: Arc::clone(&release),
+    });
+    let h = Harness::start(config(1), vec![lingers, Arc::new(Echo)], None);
+    h.broker.push(message("test.lingers", "t-linger", vec![]));
+    h.broker
+        .push(message("test.echo", "t-next", vec![Value::Int(1)]));
+    // STARTED and SUCCESS are stored while the teardown still runs.
+    h.until_states("t-linger", 2).await;
+    assert_eq!(h.backend.states("t-linger")[1], State::Success);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        h.backend.states("t-next").is_empty(),
+        "the next task started while the slot's teardown ran"
+    );
+    release.add_permits(1);
+    h.until_states("t-next", 2).await;
+    assert_eq!(h.backend.states("t-next")[1], State::Success);
+    h.stop().await;
 }
 
 #[tokio::test]
