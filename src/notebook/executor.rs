@@ -320,6 +320,23 @@ pub struct RunOutcome {
     pub kernel_exit: Option<KernelExit>,
     /// True when some output was dropped because of the size caps.
     pub output_truncated: bool,
+    /// The kernel's end, when it is being shut down in the background
+    /// ([`ExecutorConfig::background_shutdown`]); `None` when it is gone.
+    pub kernel_gone: Option<KernelGone>,
+}
+
+/// Resolves once a kernel shut down in the background has ended (or its
+/// shutdown was abandoned): a worker that must not start the next task on
+/// the same GPU while this kernel still holds it waits for this.
+#[derive(Debug, Clone)]
+pub struct KernelGone(tokio::sync::watch::Receiver<bool>);
+
+impl KernelGone {
+    /// Waits until the kernel is gone.
+    pub async fn wait(mut self) {
+        // An error means the shutdown task ended without saying so: nothing left to wait for.
+        let _ = self.0.wait_for(|gone| *gone).await;
+    }
 }
 
 impl RunOutcome {
@@ -443,6 +460,7 @@ impl Executor {
                     timings,
                     kernel_exit: None,
                     output_truncated: false,
+                    kernel_gone: None,
                 };
             }
         };
@@ -530,13 +548,15 @@ impl Executor {
         } else {
             Duration::ZERO
         };
-        let kernel_exit = if graceful && self.config.background_shutdown {
+        let (kernel_exit, kernel_gone) = if graceful && self.config.background_shutdown {
+            let (gone, rx) = tokio::sync::watch::channel(false);
             self.background_shutdowns.spawn(async move {
                 kernel.shutdown(grace).await;
+                let _ = gone.send(true);
             });
-            None
+            (None, Some(KernelGone(rx)))
         } else {
-            kernel.shutdown(grace).await
+            (kernel.shutdown(grace).await, None)
         };
         timings.total = started.elapsed();
         RunOutcome {
@@ -545,6 +565,7 @@ impl Executor {
             timings,
             kernel_exit,
             output_truncated: state.truncated_any,
+            kernel_gone,
         }
     }
 

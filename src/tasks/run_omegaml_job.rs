@@ -219,6 +219,14 @@ impl RunOmegamlJob {
         lap();
         let outcome = self.executor.run(notebook, opts).await;
         let run_ms = lap();
+        // The kernel shuts down in the background, after the result. With
+        // --gpus the slot stays taken until it is gone: the slot's next task
+        // gets the same GPU and must not meet this kernel's memory on it.
+        if let Some(gone) = outcome.kernel_gone.clone() {
+            if !ctx.gpus.is_empty() {
+                ctx.teardown.defer(gone.wait());
+            }
+        }
         let (status, message) = match &outcome.error {
             None => ("OK", String::new()),
             Some(RunError::Cancelled { .. }) => (
