@@ -127,6 +127,30 @@ impl Task for Lingers {
     }
 }
 
+/// Tasks found by a slow lookup (as omega|ml's Python tasks are listed):
+/// `test.looked_up` echoes, after 100 ms of looking.
+struct SlowSource;
+
+#[async_trait]
+impl om_worker::tasks::TaskSource for SlowSource {
+    async fn get(&self, name: &str) -> Option<Arc<dyn Task>> {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        (name == "test.looked_up").then(|| Arc::new(LookedUp) as Arc<dyn Task>)
+    }
+}
+
+struct LookedUp;
+
+#[async_trait]
+impl Task for LookedUp {
+    fn name(&self) -> &'static str {
+        "test.looked_up"
+    }
+    async fn run(&self, _ctx: TaskContext, msg: &TaskMessage) -> Result<Output, TaskError> {
+        Ok(Value::List(msg.args.clone()).into())
+    }
+}
+
 /// Panics.
 struct Panics;
 
@@ -201,12 +225,16 @@ struct Harness {
 
 impl Harness {
     fn start(config: Config, tasks: Vec<Arc<dyn Task>>, ledger: Option<MemoryLedger>) -> Self {
-        let broker = MemoryBroker::new();
-        let backend = MemoryBackend::new();
         let mut registry = Registry::builtin();
         for t in tasks {
             registry.register(t);
         }
+        Self::start_with(config, registry, ledger)
+    }
+
+    fn start_with(config: Config, registry: Registry, ledger: Option<MemoryLedger>) -> Self {
+        let broker = MemoryBroker::new();
+        let backend = MemoryBackend::new();
         let config = Arc::new(config);
         let state = Arc::new(WorkerState::from_config(&config));
         let mut worker = Worker::new(
@@ -334,6 +362,33 @@ async fn the_result_goes_out_before_the_teardown_and_the_slot_waits_for_it() {
     release.add_permits(1);
     h.until_states("t-next", 2).await;
     assert_eq!(h.backend.states("t-next")[1], State::Success);
+    h.stop().await;
+}
+
+/// With one slot, tasks start in the order their messages arrived, even when
+/// an earlier one takes longer to look up (Celery's pool gets them in order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_slot_runs_tasks_in_arrival_order() {
+    let mut registry = Registry::builtin();
+    registry.register(Arc::new(Echo));
+    let registry = registry.with_fallback(Arc::new(SlowSource));
+    let mut config = config(1);
+    config.prefetch_multiplier = 4; // all four delivered at once
+    let h = Harness::start_with(config, registry, None);
+    h.broker.push(message("test.looked_up", "t-1", vec![]));
+    h.broker.push(message("test.echo", "t-2", vec![]));
+    h.broker.push(message("test.looked_up", "t-3", vec![]));
+    h.broker.push(message("test.echo", "t-4", vec![]));
+    h.until_states("t-4", 2).await;
+    h.until_states("t-3", 2).await;
+    let started: Vec<String> = h
+        .backend
+        .stored()
+        .into_iter()
+        .filter(|m| m.status == State::Started)
+        .map(|m| m.task_id)
+        .collect();
+    assert_eq!(started, ["t-1", "t-2", "t-3", "t-4"]);
     h.stop().await;
 }
 

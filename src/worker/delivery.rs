@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::decide::{self, Admit, Route, Settle, Verdict};
+use super::order::Ticket;
 use super::report::{conclude, settle, store};
 use super::run::{renew_lease, run_limited};
 use super::timings::{Step, Timings};
@@ -32,7 +33,10 @@ use crate::tasks::{DeliveryInfo, ErrorKind, TaskContext};
 use crate::telemetry::{self, CeleryState};
 
 /// Handles one delivery from receipt to settlement.
-pub(super) async fn handle(s: Arc<Shared>, d: Delivery) {
+///
+/// `ticket` is the delivery's place in line (see `order`): it asks for a slot
+/// in arrival order, and leaves the line wherever it will not take one then.
+pub(super) async fn handle(s: Arc<Shared>, d: Delivery, mut ticket: Ticket) {
     let received_at = Instant::now();
     let Delivery { message, acker } = d;
     let acker = acker.as_ref();
@@ -48,6 +52,7 @@ pub(super) async fn handle(s: Arc<Shared>, d: Delivery) {
         (&peeked, &task, &s.config.unknown_tasks)
     {
         let id = peek_task_id(&message).unwrap_or_else(|| "?".into());
+        ticket.pass();
         return forward(&s, &message, &id, name, queue, acker).await;
     }
     let msg = match decide::decode(&message) {
@@ -55,6 +60,7 @@ pub(super) async fn handle(s: Arc<Shared>, d: Delivery) {
         Err(v) => {
             let name = peeked.as_deref().map(telemetry::foreign_name);
             count_refused(name.as_deref().unwrap_or("unknown"), &message, None);
+            ticket.pass();
             return conclude(s.backend.as_ref(), acker, "malformed", v).await;
         }
     };
@@ -68,10 +74,12 @@ pub(super) async fn handle(s: Arc<Shared>, d: Delivery) {
         Route::End(v) => {
             let name = telemetry::foreign_name(&msg.name);
             count_refused(&name, &message, Some("NotRegistered"));
+            ticket.pass();
             return conclude(s.backend.as_ref(), acker, &msg.id, v).await;
         }
         Route::Forward(queue) => {
-            return forward(&s, &message, &msg.id, &msg.name, &queue, acker).await
+            ticket.pass();
+            return forward(&s, &message, &msg.id, &msg.name, &queue, acker).await;
         }
     };
     // om-worker's own tasks do not run canvas; omega|ml's Python task of the
@@ -85,16 +93,21 @@ pub(super) async fn handle(s: Arc<Shared>, d: Delivery) {
     } else {
         let v = decide::canvas_refusal(&msg, &canvas);
         count_refused(&msg.name, &message, Some("NotImplementedError"));
+        ticket.pass();
         return conclude(s.backend.as_ref(), acker, &msg.id, v).await;
     };
     let mut req = s.state.received(&msg, &message);
-    if !admitted(&s, &msg, acker, &req).await {
+    if !admitted(&s, &msg, acker, &req, &mut ticket).await {
         return;
     }
 
     // A rate limit set by remote control (`rate_limit`) spaces the starts of
-    // this task name; the message waits unacked, in arrival order. A revoke
+    // this task name; the message waits unacked, in arrival order among its
+    // name (other names go on, as past Celery's token buckets). A revoke
     // ends the wait: the revoked check after the slot settles it.
+    if s.state.limits.rate_text(&msg.name).is_some() {
+        ticket.pass();
+    }
     tokio::select! {
         _ = s.state.limits.wait_for_rate(&msg.name) => {}
         _ = req.interrupted() => {}
@@ -102,10 +115,14 @@ pub(super) async fn handle(s: Arc<Shared>, d: Delivery) {
         _ = s.stop_starting.cancelled() => return,
     }
     let permit = tokio::select! {
-        p = s.slots.acquire() => p,
+        p = async {
+            ticket.my_turn().await;
+            s.slots.acquire().await
+        } => p,
         // Left unacked: the broker returns it when the connection closes.
         _ = s.stop_starting.cancelled() => return,
     };
+    ticket.pass();
     if s.stop_starting.is_cancelled() {
         return;
     }
@@ -272,7 +289,13 @@ fn count_refused(name: &str, message: &RawMessage, failed: Option<&str>) {
 /// Stage 3 applied: settles an expired or revoked message, holds one with a
 /// future ETA (outside the prefetch count) until it is due. `false` when the
 /// delivery ended here (settled, or left unacked at shutdown).
-async fn admitted(s: &Shared, msg: &TaskMessage, acker: &dyn Acker, req: &RequestGuard) -> bool {
+async fn admitted(
+    s: &Shared,
+    msg: &TaskMessage,
+    acker: &dyn Acker,
+    req: &RequestGuard,
+    ticket: &mut Ticket,
+) -> bool {
     // A revoke ends a hold early; the next round settles it. Once woken that
     // way, holds are no longer interruptible, so a wake-up can never spin.
     let mut interruptible = true;
@@ -282,16 +305,20 @@ async fn admitted(s: &Shared, msg: &TaskMessage, acker: &dyn Acker, req: &Reques
             Admit::Expired(v) => {
                 // Celery's `_announce_revoked('expired', ...)`: a `task-revoked` event.
                 req.revoked(true);
+                ticket.pass();
                 conclude(s.backend.as_ref(), acker, &msg.id, v).await;
                 return false;
             }
             Admit::Revoked(v) => {
                 req.revoked(false);
+                ticket.pass();
                 conclude(s.backend.as_ref(), acker, &msg.id, v).await;
                 return false;
             }
             Admit::HoldFor(wait) => {
                 let Some(eta) = msg.eta else { return true };
+                // Celery's timer holds it while later messages go on.
+                ticket.pass();
                 debug!(task_id = %msg.id, "holding until ETA {eta} ({wait:?})");
                 req.scheduled(eta);
                 acker.hold_outside_prefetch().await;

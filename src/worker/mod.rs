@@ -24,6 +24,7 @@
 
 pub mod decide;
 mod delivery;
+mod order;
 mod report;
 mod run;
 mod timings;
@@ -75,6 +76,8 @@ struct Shared {
     ledger: Option<Arc<dyn Ledger>>,
     /// Ids (and retry counts) of the tasks running here (see `delivery::RunningGuard`).
     running: delivery::Running,
+    /// Arrival order at the slots (see `order`).
+    line: Arc<order::Turnstile>,
 }
 
 /// A worker: one broker, one backend, a registry, N slots. Built with
@@ -148,6 +151,7 @@ impl Worker {
             state: self.state,
             ledger: self.ledger,
             running: std::sync::Mutex::default(),
+            line: order::Turnstile::new(),
         });
         let mut deliveries = s.broker.consume(&cfg.queues, cfg.prefetch_count()).await?;
         info!(
@@ -167,7 +171,8 @@ impl Worker {
                 _ = shutdown.cold_begun() => break,
                 d = deliveries.recv() => match d {
                     Some(d) => {
-                        tracker.spawn(delivery::handle(Arc::clone(&s), d));
+                        let ticket = s.line.ticket();
+                        tracker.spawn(delivery::handle(Arc::clone(&s), d, ticket));
                     }
                     None => {
                         error!("broker delivery channel closed; stopping");
