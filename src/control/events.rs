@@ -94,14 +94,6 @@ pub async fn start(
     tokio::spawn(publisher.run(rx, stop))
 }
 
-/// Sleeps until `at`; never returns when there is nothing to wait for.
-async fn sleep_until_some(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
 struct Publisher {
     broker: Arc<dyn Broker>,
     state: Arc<WorkerState>,
@@ -126,7 +118,7 @@ impl Publisher {
                     break;
                 }
                 _ = tick.tick() => self.worker("worker-heartbeat").await,
-                _ = sleep_until_some(echo) => {
+                _ = tokio::time::sleep_until(echo.unwrap_or_else(tokio::time::Instant::now)), if echo.is_some() => {
                     echo = None;
                     self.worker("worker-heartbeat").await;
                 }

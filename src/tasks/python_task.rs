@@ -251,7 +251,7 @@ impl Task for PythonTask {
         let request_path = dir_path.join("request.json");
         let mut request = request_json(msg, &ctx, rt.serializer, &dir_path);
         // Without it the result waits for the child's exit (still correct).
-        let done = match DoneSignal::create(&dir_path) {
+        let mut done = match DoneSignal::create(&dir_path) {
             Ok(done) => {
                 request["done_fifo"] = json!(done.path);
                 Some(done)
@@ -281,7 +281,6 @@ impl Task for PythonTask {
         // which kills the group) still bounds the run. Any other
         // cancellation (revoke with terminate, shutdown) ends it now.
         let mut soft_reached = false;
-        let mut done = done;
         let exit = loop {
             tokio::select! {
                 exit = child.exited() => break exit,
