@@ -130,6 +130,19 @@ def canonical(doc):
     return json.loads(dumps(doc, json_options=CANONICAL_JSON_OPTIONS))
 
 
+def ensure_job_placeholders(mongo):
+    """The placeholder notebooks omega|ml's `job.map` creates first (`_generate_jobs`:
+    `om.jobs.create('#do not delete', ...)`), created here once. Both sides' clients map at the same
+    time in one database, and omega|ml's create is look-up-then-insert: on a database that has none
+    yet, the two inserts race and one client fails with a duplicate key (seen once in CI). Not the
+    workers' doing, and the same with either worker."""
+    from omegaml import Omega
+
+    om = Omega(mongo_url=mongo)
+    for name in ("results/.placeholder", "tasks/.placeholder", "results/tasks/.placeholder"):
+        om.jobs.create("#do not delete", name)
+
+
 def capture_mongo(db, task, want_state=True, timeout=60):
     """Task metadata (after on_success/on_failure), its results metadata, GridFS docs, the notebook.
     pymongo decodes BSON int64 as bson.Int64, so canonical JSON keeps int32/int64 apart."""
@@ -185,6 +198,7 @@ def fidelity(request, mongo, om_worker_bin, tmp_path_factory):
             workers[tag] = start_worker(impl, broker.url, labels[tag], mongo, base / tag, om_worker_bin)
         for w in workers.values():
             wait_ready(w)
+        ensure_job_placeholders(mongo)
         scen = {}
         for tag in impls:
             (base / tag / "client-tmp").mkdir(parents=True, exist_ok=True)
